@@ -1,0 +1,342 @@
+"""The ``conceptedit`` command line (typer + rich). Every command has a Python equivalent.
+
+User errors (a bad recipe, a missing model...) print a readable message and exit with code 2,
+never a traceback; ``--json`` commands print machine-readable output on stdout only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from conceptedit.errors import ConceptEditError, RecipeError
+from conceptedit.plugins import PluginHost, get_host
+
+app = typer.Typer(
+    name="conceptedit",
+    help="Erase concepts from text-to-image diffusion models with plugin-based edit recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+_plugin_dirs: list[Path] = []
+
+
+def user_errors(func: F) -> F:
+    """Turn conceptedit's own errors into a message and exit code 2."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RecipeError as exc:
+            err.print(f"[bold red]error:[/] {len(exc.issues)} problem(s) in recipe {exc.source or '<recipe>'}")
+            for issue in exc.issues:
+                err.print("  " + _escape(issue.render(exc.source)), soft_wrap=True)
+            raise typer.Exit(2) from None
+        except ConceptEditError as exc:
+            err.print(f"[bold red]error:[/] {_escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+def host() -> PluginHost:
+    plugin_host = get_host()
+    for folder in _plugin_dirs:
+        plugin_host.load_path(folder)
+    return plugin_host
+
+
+@app.callback()
+def main_options(
+    plugins_dir: Annotated[
+        list[Path] | None, typer.Option("--plugins-dir", help="Also load plugins from .py files in this folder.")
+    ] = None,
+) -> None:
+    _plugin_dirs[:] = plugins_dir or []
+
+
+# --------------------------------------------------------------------------- plugins / methods
+
+
+@app.command()
+@user_errors
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List loaded plugins: where each came from, its version, what it provides, and load errors."""
+    h = host()
+    rows = sorted(h.infos.values(), key=lambda i: (i.source != "core", i.name))
+    conflicts = h.registry.conflicts
+    if as_json:
+        print(json.dumps({"plugins": [vars(i) for i in rows], "conflicts": conflicts}, indent=2))
+        return
+    table = Table(title="conceptedit plugins")
+    for col in ("name", "from", "version", "provides", "status"):
+        table.add_column(col)
+    for info in rows:
+        origin = info.source if info.source == "core" else f"{info.source}: {info.distribution or info.location}"
+        status = f"[red]failed: {_escape(info.error)}[/]" if info.error else "[green]loaded[/]"
+        table.add_row(info.name, origin, info.version or "", ", ".join(info.provides), status)
+    out.print(table)
+    for conflict in conflicts:
+        err.print(f"[yellow]warning:[/] {conflict}")
+
+
+@app.command()
+@user_errors
+def methods(
+    name: Annotated[str | None, typer.Argument(help="Show one method in full.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List edit methods with kind, backbones and every parameter (type, default, description)."""
+    h = host()
+    registry = h.registry.methods
+    chosen = [h.method(name)] if name else [registry[n] for n in sorted(registry)]
+    described = [cls.describe() | {"plugin": h.registry.method_origin[cls.name]} for cls in chosen]
+    if as_json:
+        print(json.dumps(described, indent=2, default=str))
+        return
+    if not described:
+        out.print("No edit methods installed. Install a plugin, or see `conceptedit plugins` for load errors.")
+    for info in described:
+        out.rule(f"[bold]{info['name']}[/]  ({info['kind']}; backbones {', '.join(info['backbones'])})")
+        out.print(_escape(str(info["summary"])))
+        if info["paper"]:
+            out.print(f"paper: {_escape(str(info['paper']))}")
+        out.print(f"plugin: {info['plugin']}")
+        sections = [("params", info["params"])]
+        if "training" in info:
+            sections.append(("training", info["training"]))
+        for title, fields in sections:
+            table = Table(title=title, show_lines=False, expand=False)
+            for col in ("parameter", "type", "default", "description"):
+                table.add_column(col, overflow="fold")
+            for f in fields:  # type: ignore[union-attr]
+                table.add_row(
+                    f["name"],
+                    _escape(f["type"]),
+                    _escape(json.dumps(f["default"], default=str)),
+                    _escape(f["description"]),
+                )
+            out.print(table)
+
+
+@app.command()
+@user_errors
+def schema() -> None:
+    """Print the JSON Schema of recipes, including every installed method's parameters."""
+    from conceptedit.recipe.loader import schema_for
+
+    print(json.dumps(schema_for(host()).json_schema(), indent=2))
+
+
+# --------------------------------------------------------------------------- validate / apply
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe value: path.to.key=value (repeatable).", metavar="PATH=VALUE"),
+]
+
+
+@app.command()
+@user_errors
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the resolved recipe as JSON.")] = False,
+) -> None:
+    """Check a recipe; report every problem at once with file, line, YAML path and a fix."""
+    from conceptedit.recipe.loader import load_recipe
+
+    loaded = load_recipe(recipe, overrides=set_ or [], host=host())
+    resolved = loaded.recipe.model_dump(mode="json")
+    if as_json:
+        print(json.dumps(resolved, indent=2))
+        return
+    edits = ", ".join(f"{label}" for label in _edit_labels(loaded.recipe))
+    out.print(f"[green]ok[/] {recipe}: model {loaded.recipe.model.id}, edits: {edits}")
+
+
+def _edit_labels(recipe: Any) -> list[str]:
+    return [f"{item.label} ({getattr(item, 'method', 'group')})" for item in recipe.edits]
+
+
+@app.command("apply")
+@user_errors
+def apply_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    model: Annotated[str | None, typer.Option(help="Base model: hub id, folder, .safetensors or builtin:NAME.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: recipe's output.dir).")] = None,
+    set_: SetOption = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and load; write nothing.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Apply a recipe's edits to its model and write a run folder."""
+    from conceptedit.engine.runner import apply
+
+    if resume and out_dir is None:
+        raise typer.BadParameter("--resume needs --out RUN_DIR (the folder the interrupted run was writing)")
+    result = apply(
+        recipe,
+        overrides=set_ or [],
+        model=model,
+        device=device,
+        out=out_dir,
+        dry_run=dry_run,
+        resume=resume,
+        quiet=quiet or as_json,
+        host=host(),
+    )
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "run_dir": str(result.run_dir) if result.run_dir else None,
+                    "changed": result.changed,
+                    "edits": [o.as_dict() for o in result.outcomes],
+                    "dry_run": dry_run,
+                    **({"plan": result.manifest} if dry_run else {}),
+                },
+                indent=2,
+            )
+        )
+        return
+    if quiet:
+        return
+    if dry_run:
+        out.print(
+            f"[green]dry run ok[/]: would write {result.manifest['plan']} "
+            f"(backbone {result.manifest['backbone']}); nothing was written"
+        )
+        return
+    table = Table(title=f"run {result.run_dir}")
+    for col in ("edit", "method", "tensors changed", "seconds", "peak RSS (MiB)", "notes"):
+        table.add_column(col)
+    for o in result.outcomes:
+        notes = ""
+        if "last_losses" in o.details:
+            notes = f"{o.details['steps']} steps, final loss {o.details['last_losses'].get('total', float('nan')):.4g}"
+        table.add_row(
+            o.label, o.method, str(len(o.changed)), f"{o.seconds:.2f}", f"{o.peak_rss_bytes / 2**20:.0f}", notes
+        )
+    out.print(table)
+    out.print(f"{len(result.changed)} tensors differ from the base model; saved to {result.run_dir}")
+
+
+# --------------------------------------------------------------------------- generate / env
+
+
+@app.command()
+@user_errors
+def generate(
+    target: Annotated[str, typer.Argument(help="Model id/path/builtin:NAME, or a run folder.")],
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    seed: Annotated[int, typer.Option(help="Seed of the first image.")] = 0,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, help="Images (seeds seed..seed+n-1).")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 30,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="For a run: also the base model, as a grid.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
+    out_path: Annotated[Path | None, typer.Option("--out", help="PNG file, or folder for several images.")] = None,
+) -> None:
+    """Generate images with a model or a run; --compare-base writes a before/after grid."""
+    from conceptedit.engine.runner import resolve_device
+    from conceptedit.generation import Sampling, grid, is_run_dir, load_target
+    from conceptedit.generation import generate as sample
+    from conceptedit.io.atomic import atomic_write_bytes
+
+    if compare_base and not is_run_dir(target):
+        raise typer.BadParameter("--compare-base needs a run folder as TARGET")
+    host()  # load --plugins-dir plugins before a run folder's backbone is resolved
+    edited, base = load_target(target, device=resolve_device(device))
+    sampling = Sampling(steps=steps, guidance=guidance)
+    images = sample(edited, prompt, seed, sampling, count)
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "image"
+    if compare_base:
+        assert base is not None
+        before = sample(base, prompt, seed, sampling, count)
+        picture = grid([("base", before), ("edited", images)])
+        path = out_path or Path(f"{slug}-seed{seed}-compare.png")
+        _save_png(picture, path, atomic_write_bytes)
+        out.print(f"wrote {path} (top: base model, bottom: edited; seeds {seed}..{seed + count - 1})")
+        return
+    if count == 1:
+        path = out_path or Path(f"{slug}-seed{seed}.png")
+        _save_png(images[0], path, atomic_write_bytes)
+        out.print(f"wrote {path}")
+        return
+    folder = out_path or Path(f"{slug}-seed{seed}")
+    for i, image in enumerate(images):
+        _save_png(image, folder / f"{slug}-seed{seed + i}.png", atomic_write_bytes)
+    out.print(f"wrote {count} images to {folder}")
+
+
+def _save_png(image: Any, path: Path, writer: Callable[[Path, bytes], None]) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    writer(path, buffer.getvalue())
+
+
+@app.command()
+@user_errors
+def env(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Versions of Python, torch, diffusers, transformers, conceptedit and plugins, and the device."""
+    import torch
+
+    from conceptedit.io.manifest import package_versions, plugin_versions
+
+    info: dict[str, Any] = {
+        "versions": package_versions(),
+        "platform": platform.platform(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "torch_threads": torch.get_num_threads(),
+        "plugins": plugin_versions(host()),
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title="conceptedit environment", show_header=False)
+    for key, value in info["versions"].items():
+        table.add_row(key, str(value))
+    table.add_row("platform", info["platform"])
+    table.add_row("device", ", ".join(info["cuda_devices"]) or "cpu (no CUDA GPU visible)")
+    table.add_row("torch threads", str(info["torch_threads"]))
+    for p in info["plugins"]:
+        state = f"failed: {p['error']}" if p["error"] else "loaded"
+        table.add_row(f"plugin {p['name']}", _escape(f"{p['version'] or p['source']} ({state})"))
+    out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point: registers plugin commands, then runs the app."""
+    try:
+        get_host().pm.hook.conceptedit_register_commands(app=app)
+    except ConceptEditError as exc:
+        err.print(f"[bold red]error:[/] {_escape(str(exc))}")
+        sys.exit(2)
+    app()

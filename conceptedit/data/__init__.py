@@ -1,0 +1,1 @@
+"""Prompt data: public prompt files by download source or local path."""

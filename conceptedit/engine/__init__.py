@@ -1,0 +1,1 @@
+"""The editing engine: runs a recipe's edits in order through the methods' hook points."""

@@ -1,0 +1,159 @@
+"""What the engine hands to methods and lifecycle hooks: the run, and the edit in it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from conceptedit.engine.encoding import PromptEncoding
+from conceptedit.engine.ledger import WeightLedger
+from conceptedit.engine.progress import Reporter
+from conceptedit.errors import EditError
+from conceptedit.models.backbone import BackboneAdapter, CrossAttentionLayer
+from conceptedit.recipe.concepts import PromptPair, expand_concepts
+from conceptedit.recipe.schema import ConceptSet
+
+if TYPE_CHECKING:
+    from conceptedit.methods import EditMethod
+    from conceptedit.plugins import PluginHost
+    from conceptedit.recipe.loader import LoadedRecipe
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed derived from the run seed and a path (edit index, process, purpose)."""
+    text = "/".join([str(seed), *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def default_cache_dir() -> Path:
+    """``$CONCEPTEDIT_CACHE`` or ``~/.cache/conceptedit``: prior statistics, trajectories."""
+    return Path(os.environ.get("CONCEPTEDIT_CACHE", Path.home() / ".cache" / "conceptedit"))
+
+
+@dataclass
+class RunContext:
+    """One run of a recipe.
+
+    Attributes:
+        loaded: The validated recipe and where it came from.
+        pipeline: The diffusers pipeline being edited (in place).
+        adapter: Access to the pipeline's parts.
+        device: Where computation runs.
+        ledger: Original values of changed parameters.
+        host: The plugin host (for lifecycle hooks).
+        run_dir: The run folder being written (a staging folder until the run completes).
+        reporter: Progress bars.
+        cache_dir: Where methods cache reusable intermediate results.
+    """
+
+    loaded: LoadedRecipe
+    pipeline: Any
+    adapter: BackboneAdapter
+    device: torch.device
+    ledger: WeightLedger
+    host: PluginHost
+    run_dir: Path
+    reporter: Reporter
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    training_modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def recipe(self) -> Any:
+        return self.loaded.recipe
+
+    @property
+    def seed(self) -> int:
+        return int(self.recipe.seed)
+
+
+@dataclass
+class EditContext:
+    """One edit of a run, as a method sees it.
+
+    Attributes:
+        run: The run this edit belongs to.
+        edit: The edit's validated spec (``edit.params`` are the method's parameters).
+        index: The edit's position in the recipe (group members share their group's).
+        method: The method object running this edit.
+        generator: Seeded randomness for this edit; use it for every random draw.
+    """
+
+    run: RunContext
+    edit: Any
+    index: int
+    method: EditMethod
+    generator: torch.Generator
+
+    @property
+    def adapter(self) -> BackboneAdapter:
+        return self.run.adapter
+
+    @property
+    def pipeline(self) -> Any:
+        return self.run.pipeline
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
+
+    @property
+    def label(self) -> str:
+        return str(self.edit.label)
+
+    # prompt encoding ----------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str], length: Literal["full", "longest"] = "full") -> PromptEncoding:
+        """The text encoder's output for ``prompts`` with token positions (SoT, [EoT]...).
+
+        ``length="longest"`` pads only to the longest prompt: the SD text encoder is causal,
+        so every row up to a prompt's first [EoT] is identical to the 77-token encoding, at a
+        fraction of the cost. Use ``full`` when you need padding rows.
+        """
+        return self.adapter.encode_prompts(prompts, length=length)
+
+    def concept_pairs(self, ref: str | ConceptSet) -> list[PromptPair]:
+        """The prompt pairs of a concept set named in the recipe (or given inline)."""
+        if isinstance(ref, ConceptSet):
+            return expand_concepts(ref, self.run.loaded.base_dir)
+        sets = self.run.recipe.concepts
+        if ref not in sets:
+            raise EditError(f"{self.label}: no concept set named {ref!r}")
+        return expand_concepts(sets[ref], self.run.loaded.base_dir)
+
+    # attention edit -----------------------------------------------------------------
+
+    def cross_attention_layers(self) -> list[CrossAttentionLayer]:
+        """Every cross-attention layer of the denoiser (sizes come from the model)."""
+        return self.adapter.cross_attention_layers()
+
+    # trajectory loss ----------------------------------------------------------------
+
+    def predict_noise(self, latents: Tensor, timesteps: Tensor, hidden: Tensor) -> Tensor:
+        """The denoiser's prediction; inside training this is the model being trained."""
+        return self.adapter.predict_noise(latents, timesteps, hidden, unet=self.run.training_modules.get("unet"))
+
+    @contextmanager
+    def reference_weights(
+        self, which: Literal["base", "edit_start"], names: Sequence[str] | None = None
+    ) -> Iterator[None]:
+        """Run the model as it was at the run's start (``base``) or this edit's start.
+
+        Only parameters changed so far differ, so only those are swapped; nothing else is
+        copied. Wrap reference passes in ``torch.no_grad()``.
+        """
+        with self.run.ledger.reference(which, names):
+            yield
+
+    def cache_path(self, kind: str, key: str, suffix: str = ".safetensors") -> Path:
+        """A file path under the cache for ``kind`` (a folder) and a content ``key``."""
+        folder = self.run.cache_dir / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{key}{suffix}"

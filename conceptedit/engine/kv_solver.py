@@ -1,0 +1,147 @@
+"""The one closed-form solver for cross-attention key/value edits (TRCE stage 1, UCE, RECE...).
+
+For each edited projection ``W`` (a ``to_k`` or ``to_v`` of a cross-attention layer) it finds
+
+    W' = argmin  Σ_i w_i ||W' k_i − v_i||²            move these keys to these values
+               + s  Σ_j ||W' p_j − W p_j||²           keep these embeddings' outputs
+               + η  tr((W' − W) C (W' − W)ᵀ)           keep a prior's outputs, C = Σ h hᵀ
+               + λ  ||W' − W||²_F                      stay near W
+
+whose normal equations are ``W' B = R`` with
+
+    B = Σ w k kᵀ + s P Pᵀ + η C + λ I
+    R = Σ w v kᵀ + W (s P Pᵀ + η C + λ I).
+
+``B`` does not depend on the layer, so it is factorised once (Cholesky, float64) and reused
+for every projection. When each target value is the original projection of an embedding,
+``v_i = W t_i``, then ``R = W Q`` with ``Q = Σ w t kᵀ + s P Pᵀ + η C + λ I`` and every layer's
+answer is ``W' = W M`` with one ``M = Q B⁻¹`` -- a single solve for all layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from conceptedit.errors import EditError, SingularSystemError
+
+TargetFn = Callable[[str, Tensor], Tensor]
+
+
+@dataclass
+class KVEdit:
+    """One closed-form key/value edit, as a method describes it to the engine.
+
+    Attributes:
+        keys: ``[N, D]`` text embeddings whose projections should move.
+        targets: ``[N, D]`` embeddings whose *current* projections are the goals
+            (``v_i = W t_i``). Give this or ``target_fn``.
+        target_fn: ``(parameter name, W) -> [N, d_out]`` explicit goal outputs per layer.
+        weights: ``[N]`` weight of each key row (default 1 each).
+        preserve: ``[M, D]`` embeddings whose outputs must not change.
+        preserve_scale: ``s`` above.
+        prior: ``[D, D]`` second-moment matrix ``C`` of embeddings to preserve.
+        prior_scale: ``η`` above.
+        ridge: ``λ`` above.
+        projections: Which projections to edit: ``"k"``, ``"v"`` or both.
+        layers: Names of cross-attention layers to edit (default: all of them).
+        label: Shown in progress output and errors.
+    """
+
+    keys: Tensor
+    targets: Tensor | None = None
+    target_fn: TargetFn | None = None
+    weights: Tensor | None = None
+    preserve: Tensor | None = None
+    preserve_scale: float = 1.0
+    prior: Tensor | None = None
+    prior_scale: float = 0.0
+    ridge: float = 0.0
+    projections: tuple[str, ...] = ("k", "v")
+    layers: Sequence[str] | None = None
+    label: str = "kv-edit"
+
+    def validate(self, dim: int) -> None:
+        """Check shapes and options against the text-embedding width ``dim``."""
+        if self.keys.ndim != 2 or self.keys.shape[1] != dim:
+            raise EditError(f"{self.label}: keys must be [N, {dim}], got {tuple(self.keys.shape)}")
+        n = self.keys.shape[0]
+        if n == 0:
+            raise EditError(f"{self.label}: no key rows to edit")
+        if (self.targets is None) == (self.target_fn is None):
+            raise EditError(f"{self.label}: give exactly one of targets or target_fn")
+        if self.targets is not None and tuple(self.targets.shape) != (n, dim):
+            raise EditError(f"{self.label}: targets must be [{n}, {dim}], got {tuple(self.targets.shape)}")
+        if self.weights is not None and tuple(self.weights.shape) != (n,):
+            raise EditError(f"{self.label}: weights must be [{n}], got {tuple(self.weights.shape)}")
+        if self.preserve is not None and (self.preserve.ndim != 2 or self.preserve.shape[1] != dim):
+            raise EditError(f"{self.label}: preserve must be [M, {dim}], got {tuple(self.preserve.shape)}")
+        if self.prior is not None and tuple(self.prior.shape) != (dim, dim):
+            raise EditError(f"{self.label}: prior must be [{dim}, {dim}], got {tuple(self.prior.shape)}")
+        if not set(self.projections) <= {"k", "v"} or not self.projections:
+            raise EditError(f"{self.label}: projections must be a non-empty subset of ('k', 'v')")
+        for name, value in (
+            ("preserve_scale", self.preserve_scale),
+            ("prior_scale", self.prior_scale),
+            ("ridge", self.ridge),
+        ):
+            if value < 0:
+                raise EditError(f"{self.label}: {name} must be >= 0, got {value}")
+        for name in ("keys", "targets", "weights", "preserve", "prior"):
+            value = getattr(self, name)
+            if value is not None and not torch.isfinite(value).all():
+                raise EditError(f"{self.label}: {name} contains NaN or inf")
+
+
+class KVSolver:
+    """Solves one :class:`KVEdit` for any number of projection matrices."""
+
+    def __init__(self, edit: KVEdit, dim: int) -> None:
+        edit.validate(dim)
+        self.edit = edit
+        f64 = torch.float64
+        keys = edit.keys.to(f64)
+        weights = (edit.weights if edit.weights is not None else torch.ones(keys.shape[0])).to(f64)
+        keep = edit.ridge * torch.eye(dim, dtype=f64)
+        if edit.preserve is not None and edit.preserve_scale > 0:
+            p = edit.preserve.to(f64)
+            keep += edit.preserve_scale * p.T @ p
+        if edit.prior is not None and edit.prior_scale > 0:
+            keep += edit.prior_scale * edit.prior.to(f64)
+        self._keep = keep
+        self._weighted_keys = keys * weights[:, None]
+        lhs = keys.T @ self._weighted_keys + keep  # B (symmetric)
+        chol, info = torch.linalg.cholesky_ex(lhs)
+        if info.item() != 0:
+            rank = int(torch.linalg.matrix_rank(lhs).item())
+            raise SingularSystemError(
+                f"{edit.label}: the {dim}x{dim} system is singular (rank {rank}); "
+                f"{keys.shape[0]} key rows cannot pin down every direction. Add preservation "
+                "(a prior or preserve prompts with a scale > 0) or a ridge term > 0."
+            )
+        self._chol = chol
+        self._shared: Tensor | None = None
+        if edit.targets is not None:
+            # W' = W · M with M = Q B⁻¹ for every layer; B symmetric so M = (B⁻¹ Qᵀ)ᵀ.
+            q = edit.targets.to(f64).T @ self._weighted_keys + keep
+            self._shared = torch.cholesky_solve(q.T, chol).T
+
+    def solve(self, name: str, weight: Tensor) -> Tensor:
+        """The edited version of ``weight`` (``[d_out, D]``), in ``weight``'s dtype."""
+        w = weight.detach().to(torch.float64)
+        if self._shared is not None:
+            new = w @ self._shared
+        else:
+            assert self.edit.target_fn is not None
+            values = self.edit.target_fn(name, weight.detach()).to(torch.float64)
+            if tuple(values.shape) != (self.edit.keys.shape[0], w.shape[0]):
+                raise EditError(
+                    f"{self.edit.label}: target_fn gave {tuple(values.shape)} for {name}, "
+                    f"expected [{self.edit.keys.shape[0]}, {w.shape[0]}]"
+                )
+            rhs = values.T @ self._weighted_keys + w @ self._keep
+            new = torch.cholesky_solve(rhs.T, self._chol).T
+        return new.to(weight.dtype)

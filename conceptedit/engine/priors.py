@@ -1,0 +1,66 @@
+"""Preservation priors: second-moment matrices of text embeddings over a caption set.
+
+``C = (1/N) Σ_prompts Σ_positions h hᵀ`` summarises what cross-attention keys/values must
+keep producing for ordinary prompts. It does not depend on the layer, so one ``D×D`` matrix
+serves every projection. Building it means encoding thousands of captions, so it is cached
+on disk, keyed by the text encoder's weights, the caption list and the positions used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save
+
+from conceptedit.engine.context import EditContext
+from conceptedit.io.atomic import atomic_write_bytes
+from conceptedit.models.loading import module_digest
+
+Positions = Literal["all", "through_eot"]
+
+
+def embedding_prior(
+    ctx: EditContext, prompts: Sequence[str], positions: Positions = "all", batch_size: int = 64
+) -> torch.Tensor:
+    """``(1/N) Σ h hᵀ`` over ``prompts`` (float64, ``[D, D]``), from the cache when possible.
+
+    Args:
+        ctx: The edit (its text encoder and cache folder are used).
+        prompts: Caption set.
+        positions: ``all`` 77 token rows (padding included, as TRCE's prior), or only the rows up
+            to and including each prompt's first [EoT].
+        batch_size: Prompts encoded at once.
+    """
+    adapter = ctx.adapter
+    encoder_key = module_digest(adapter.components()["text_encoder"])
+    prompt_key = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
+    key = hashlib.sha256(f"{encoder_key}|{prompt_key}|{positions}".encode()).hexdigest()[:32]
+    path = ctx.cache_path("priors", key)
+    if path.is_file():
+        return load_file(str(path))["prior"]
+    dim = adapter.text_dim
+    total = torch.zeros(dim, dim, dtype=torch.float64)
+    chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    with ctx.run.reporter.task(f"{ctx.label}: preservation prior ({len(prompts)} prompts)", len(chunks)) as bar:
+        for chunk in chunks:
+            enc = adapter.encode_prompts(chunk, length="full", batch_size=batch_size)
+            hidden = enc.hidden.to(torch.float64)
+            if positions == "through_eot":
+                keep = torch.arange(hidden.shape[1])[None, :] <= enc.eot_index[:, None]
+                hidden = hidden * keep[..., None].to(hidden.device)
+            flat = hidden.reshape(-1, dim)
+            total += (flat.T @ flat).cpu()
+            bar.advance()
+    prior = total / len(prompts)
+    meta = {
+        "prompts": str(len(prompts)),
+        "positions": positions,
+        "text_encoder": encoder_key,
+        "prompt_sha256": prompt_key,
+    }
+    atomic_write_bytes(path, save({"prior": prior}, metadata=meta))
+    return prior

@@ -1,0 +1,76 @@
+"""``load``: put a saved edit into a freshly loaded base pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conceptedit.engine.ledger import tensor_digest
+from conceptedit.errors import RunDirError
+from conceptedit.io.edit_file import EDIT_FILE, read_edit
+from conceptedit.io.manifest import MANIFEST_FILE
+from conceptedit.models.backbone import resolve_backbone
+from conceptedit.plugins import PluginHost, get_host
+
+
+def load(pipeline: Any, run_dir: str | Path, *, check_base: bool = True, host: PluginHost | None = None) -> Any:
+    """Apply the edit saved in ``run_dir`` to ``pipeline`` (in place) and return the pipeline.
+
+    Args:
+        pipeline: The base model the run started from, freshly loaded.
+        run_dir: A finished run folder (it has ``manifest.json`` and ``edit.safetensors``).
+        check_base: Refuse when a tensor the edit replaces differs from the base it was made
+            from -- the sign of loading into the wrong model or loading twice.
+        host: Plugin host (for backbone adapters).
+    """
+    folder = Path(run_dir)
+    if not (folder / MANIFEST_FILE).is_file():
+        hint = (
+            " (it is an unfinished run: resume it with `conceptedit apply --resume`)"
+            if folder.name.endswith(".partial")
+            else ""
+        )
+        raise RunDirError(f"{folder} is not a finished conceptedit run folder: no {MANIFEST_FILE}{hint}")
+    tensors, meta = read_edit(folder / EDIT_FILE)
+    adapter = resolve_backbone(pipeline, (host or get_host()).registry.backbones)
+    base_model = meta.get("base_model", {}).get("id", "?")
+    digests = meta.get("base_digests", {})
+    params = {}
+    for name, value in tensors.items():
+        try:
+            param = adapter.get_parameter(name)
+        except Exception as exc:
+            raise RunDirError(
+                f"{folder}: the edit changes {name}, which this pipeline lacks; the edit was made for {base_model}"
+            ) from exc
+        if param.shape != value.shape:
+            raise RunDirError(
+                f"{folder}: {name} has shape {tuple(value.shape)} in the edit but "
+                f"{tuple(param.shape)} in the pipeline; the edit was made for {base_model}"
+            )
+        if (
+            check_base
+            and param.dtype == value.dtype
+            and name in digests
+            and tensor_digest(param.detach()) != digests[name]
+        ):
+            raise RunDirError(
+                f"{folder}: the pipeline's {name} is not the base this edit was made from ({base_model}); "
+                "load that base model fresh, or pass check_base=False to apply it anyway"
+            )
+        params[name] = param
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name].to(param.device, param.dtype))
+    return pipeline
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a finished run folder."""
+    path = Path(run_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} is not a finished conceptedit run folder: no {MANIFEST_FILE}")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,296 @@
+"""``apply``: run a recipe's edits in order and write the run folder.
+
+Order of work: validate the recipe (loading the plugins it names), pick the output folder,
+load the base model, check every method supports its backbone, then for each edit in recipe
+order call its hook points -- attention edits first, then training -- and finally write
+``edit.safetensors``, the exporters' formats and ``manifest.json`` into a staging folder that
+becomes the run folder in one rename. A run that fails leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conceptedit.engine.attention import apply_kv_edit
+from conceptedit.engine.context import EditContext, RunContext, derive_seed
+from conceptedit.engine.ledger import WeightLedger
+from conceptedit.engine.memory import PeakMemory
+from conceptedit.engine.progress import Reporter
+from conceptedit.engine.training import Member, train
+from conceptedit.errors import BackboneError, ConceptEditError, RunDirError
+from conceptedit.io.atomic import atomic_write_text, publish_dir
+from conceptedit.io.edit_file import EDIT_FILE, save_edit
+from conceptedit.io.manifest import MANIFEST_FILE, build_manifest
+from conceptedit.models.backbone import BackboneAdapter, resolve_backbone
+from conceptedit.models.loading import LoadedModel, load_model, state_digest
+from conceptedit.plugins import PluginHost, get_host
+from conceptedit.recipe.loader import LoadedRecipe, load_recipe
+from conceptedit.recipe.schema import GroupBase
+from conceptedit.results import EditOutcome, RunResult
+
+RESOLVED_FILE = "recipe.resolved.yaml"
+
+
+@dataclass
+class Plan:
+    """What ``apply`` will do, worked out before any edit runs."""
+
+    loaded: LoadedRecipe
+    run_dir: Path
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA if present, else MPS if present, else CPU; other names as given."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConceptEditError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    return device
+
+
+def plan(
+    recipe: str | Path | dict[str, Any],
+    *,
+    overrides: list[str] | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    host: PluginHost | None = None,
+) -> Plan:
+    """Validate a recipe with CLI-style overrides and decide the run folder; loads no model."""
+    host = host or get_host()
+    extra = list(overrides or [])
+    if model is not None:
+        extra.append(f"model.id={json.dumps(model)}")
+    if device is not None:
+        extra.append(f"device={device}")
+    loaded = load_recipe(recipe, overrides=extra, host=host)
+    output = loaded.recipe.output
+    if out is not None:
+        run_dir = Path(out)
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(output.dir.replace("{recipe}", loaded.stem).replace("{time}", stamp))
+        if not run_dir.is_absolute() and loaded.source is not None and output.dir != "runs/{recipe}-{time}":
+            run_dir = loaded.base_dir / run_dir
+    if run_dir.exists() and not output.overwrite and not resume:
+        raise RunDirError(f"run folder {run_dir} already exists; pass --out NEW_DIR or set output.overwrite: true")
+    return Plan(loaded, run_dir, resolve_device(loaded.recipe.device))
+
+
+def apply(
+    recipe: str | Path | dict[str, Any],
+    pipeline: Any = None,
+    *,
+    overrides: list[str] | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    out: str | Path | None = None,
+    dry_run: bool = False,
+    resume: bool = False,
+    quiet: bool = False,
+    host: PluginHost | None = None,
+) -> RunResult:
+    """Apply a recipe and write its run folder.
+
+    Args:
+        recipe: A recipe file, or the recipe as a dict.
+        pipeline: Edit this pipeline (in place) instead of loading ``recipe.model``.
+        overrides: ``path=value`` overrides, as ``--set`` takes them.
+        model: Replace ``model.id``.
+        device: Replace ``device``.
+        out: Run folder (default: the recipe's ``output.dir``).
+        dry_run: Validate, load the model and check backbones, then stop: nothing is written.
+        resume: Continue an interrupted run whose staging folder (``<out>.partial``) exists.
+        quiet: No progress bars.
+        host: Plugin host (default: the process-wide one).
+
+    Returns:
+        The :class:`~conceptedit.RunResult`; ``run_dir`` is None for a dry run.
+    """
+    host = host or get_host()
+    the_plan = plan(recipe, overrides=overrides, model=model, device=device, out=out, resume=resume, host=host)
+    loaded, recipe_model = the_plan.loaded, the_plan.loaded.recipe
+    torch.manual_seed(recipe_model.seed)
+    if pipeline is None:
+        base = load_model(
+            recipe_model.model.id,
+            revision=recipe_model.model.revision,
+            variant=recipe_model.model.variant,
+            dtype=recipe_model.dtype,
+            device=the_plan.device,
+        )
+    else:
+        pipeline.to(device=the_plan.device)
+        base = LoadedModel(pipeline, "in_memory", recipe_model.model.id, file_hashes={"state": state_digest(pipeline)})
+    adapter = resolve_backbone(base.pipeline, host.registry.backbones)
+    _check_backbones(loaded, adapter)
+    if dry_run:
+        return RunResult(None, base.pipeline, [], [], {"plan": str(the_plan.run_dir), "backbone": adapter.family})
+
+    staging = the_plan.run_dir.with_name(the_plan.run_dir.name + ".partial")
+    _prepare_staging(staging, loaded, resume)
+    run = RunContext(
+        loaded=loaded,
+        pipeline=base.pipeline,
+        adapter=adapter,
+        device=the_plan.device,
+        ledger=WeightLedger(adapter),
+        host=host,
+        run_dir=staging,
+        reporter=Reporter(quiet=quiet),
+    )
+    started = _now()
+    try:
+        outcomes = [_run_item(run, index, item, resume) for index, item in enumerate(recipe_model.edits)]
+        changed = run.ledger.changed()
+        base_info = base.describe()
+        save_edit(
+            staging / EDIT_FILE,
+            changed,
+            recipe=_resolved(loaded),
+            base_model=base_info,
+            base_digests=run.ledger.base_digests(changed),
+        )
+        exporters = host.registry.exporters
+        for fmt in recipe_model.output.formats:
+            exporters[fmt].export(base.pipeline, staging)
+        shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+        manifest = build_manifest(
+            host=host,
+            base_model=base_info,
+            seed=recipe_model.seed,
+            device=the_plan.device,
+            dtype=recipe_model.dtype,
+            edits=[o.as_dict() for o in outcomes],
+            changed={name: list(t.shape) for name, t in changed.items()},
+            recipe_source=str(loaded.source) if loaded.source else None,
+            started=started,
+            finished=_now(),
+        )
+        atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        publish_dir(staging, the_plan.run_dir, overwrite=recipe_model.output.overwrite or resume)
+    except BaseException:
+        if not any((staging / "checkpoints").glob("*/step-*")):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result = RunResult(the_plan.run_dir, base.pipeline, outcomes, sorted(changed), manifest)
+    host.pm.hook.conceptedit_after_run(ctx=run, result=result)
+    return result
+
+
+def _check_backbones(loaded: LoadedRecipe, adapter: BackboneAdapter) -> None:
+    for index, spec in loaded.recipe.flat_edits():
+        cls = spec.method_cls
+        if adapter.family not in cls.backbones:
+            raise BackboneError(
+                f"edits.{index}: method {cls.name!r} supports {', '.join(sorted(cls.backbones))}, "
+                f"but the model is {adapter.family}"
+            )
+
+
+def _resolved(loaded: LoadedRecipe) -> dict[str, Any]:
+    return loaded.recipe.model_dump(mode="json")
+
+
+def _prepare_staging(staging: Path, loaded: LoadedRecipe, resume: bool) -> None:
+    resolved = yaml.safe_dump(_resolved(loaded), sort_keys=False)
+    if resume:
+        previous = staging / RESOLVED_FILE
+        if not previous.is_file():
+            raise RunDirError(f"nothing to resume: {staging} does not exist or holds no {RESOLVED_FILE}")
+        if previous.read_text(encoding="utf-8") != resolved:
+            raise RunDirError(f"cannot resume {staging}: it was started from a different recipe or overrides")
+        return
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    text = loaded.text if loaded.text is not None else yaml.safe_dump(_resolved(loaded), sort_keys=False)
+    atomic_write_text(staging / "recipe.yaml", text)
+    atomic_write_text(staging / RESOLVED_FILE, resolved)
+
+
+def _run_item(run: RunContext, index: int, item: Any, resume: bool) -> EditOutcome:
+    members = item.edits if isinstance(item, GroupBase) else [item]
+    done = run.run_dir / "checkpoints" / f"after-edit-{index:03d}.safetensors"
+    for spec in members:
+        run.host.pm.hook.conceptedit_before_edit(ctx=run, edit=spec, index=index)
+    run.ledger.begin_edit()
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        if resume and done.is_file():
+            for name, value in load_file(str(done)).items():
+                run.ledger.set(name, value.to(run.device))
+            details: dict[str, Any] = {"resumed": "completed before the interruption"}
+            names = sorted(load_file(str(done)))
+        else:
+            names, details = _execute(run, index, item, members, resume)
+    seconds = time.perf_counter() - started
+    done.parent.mkdir(parents=True, exist_ok=True)
+    save_file(run.ledger.changed(), str(done))
+    outcome = EditOutcome(
+        item.label,
+        "group" if isinstance(item, GroupBase) else item.method,
+        names,
+        seconds,
+        memory.peak_rss_bytes,
+        memory.peak_cuda_bytes,
+        details,
+    )
+    for spec in members:
+        run.host.pm.hook.conceptedit_after_edit(ctx=run, edit=spec, index=index, outcome=outcome)
+    return outcome
+
+
+def _execute(
+    run: RunContext, index: int, item: Any, members: list[Any], resume: bool
+) -> tuple[list[str], dict[str, Any]]:
+    contexts = []
+    changed: list[str] = []
+    for k, spec in enumerate(members):
+        method = spec.build()
+        generator = torch.Generator().manual_seed(derive_seed(run.seed, index, k))
+        ctx = EditContext(run=run, edit=spec, index=index, method=method, generator=generator)
+        for kv_edit in method.attention_edits(ctx):
+            changed += apply_kv_edit(ctx, kv_edit)
+        contexts.append(ctx)
+    details: dict[str, Any] = {}
+    trainers = [ctx for ctx in contexts if ctx.method.kind == "training"]
+    if trainers:
+        config = item.training if isinstance(item, GroupBase) else trainers[0].edit.training
+        report = train(
+            [Member(ctx, ctx.method, float(ctx.edit.weight)) for ctx in trainers],
+            config,
+            run,
+            item.label,
+            resume=resume,
+        )
+        changed += report.trained
+        details = {
+            "steps": report.steps,
+            "resumed_from_step": report.resumed_from,
+            "last_losses": report.last_losses,
+            "log": str(report.log.relative_to(run.run_dir)),
+        }
+    return sorted(set(changed)), details
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,1 @@
+"""Reading and writing run folders, edit files and manifests, atomically."""

@@ -1,0 +1,1 @@
+"""Base models: backbone adapters, loading, the built-in models and the CLIP tokenizer."""

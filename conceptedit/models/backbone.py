@@ -1,0 +1,242 @@
+"""Backbone adapters: the one place that knows where a pipeline keeps its parts.
+
+The engine and every method reach the text encoder, tokenizer, UNet, cross-attention
+layers, scheduler and VAE only through an adapter, so supporting a new architecture (SDXL's
+two text encoders, say) means registering one more adapter, not touching methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from conceptedit.engine.encoding import PromptEncoding, first_eot_index
+from conceptedit.errors import BackboneError, EditError
+from conceptedit.models.tokenizer import clean_prompt
+
+
+@dataclass(frozen=True)
+class CrossAttentionLayer:
+    """A cross-attention block (``attn2``) of the denoiser.
+
+    Attributes:
+        name: Module path inside the UNet, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``.
+        module: The attention module, with ``to_q``, ``to_k``, ``to_v`` and ``to_out``.
+    """
+
+    name: str
+    module: nn.Module
+
+    def projection(self, which: str) -> nn.Linear:
+        """The ``to_q`` / ``to_k`` / ``to_v`` linear layer."""
+        layer = getattr(self.module, f"to_{which}", None)
+        if not isinstance(layer, nn.Linear):
+            raise BackboneError(f"{self.name} has no linear to_{which}")
+        return layer
+
+    def parameter_name(self, which: str, component: str = "unet") -> str:
+        """Full parameter name of a projection's weight, e.g. ``unet.<name>.to_k.weight``."""
+        return f"{component}.{self.name}.to_{which}.weight"
+
+
+class BackboneAdapter:
+    """Access to the parts of one pipeline family. Subclass and register to add a family."""
+
+    family: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        """Whether this adapter handles ``pipeline``."""
+        raise NotImplementedError
+
+    # components ---------------------------------------------------------------------
+
+    def components(self) -> dict[str, nn.Module]:
+        """The trainable modules by the prefix their parameter names carry."""
+        raise NotImplementedError
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Every parameter as ``component.path`` (diffusers key names with a component prefix)."""
+        for prefix, module in self.components().items():
+            for name, param in module.named_parameters():
+                yield f"{prefix}.{name}", param
+
+    def get_parameter(self, name: str) -> nn.Parameter:
+        """A parameter by full name; :class:`BackboneError` naming near misses if absent."""
+        prefix, _, rest = name.partition(".")
+        module = self.components().get(prefix)
+        if module is None:
+            raise BackboneError(f"parameter {name!r}: no component {prefix!r} (have {', '.join(self.components())})")
+        try:
+            return module.get_parameter(rest)
+        except AttributeError as exc:
+            raise BackboneError(f"the pipeline has no parameter {name!r}") from exc
+
+    def cross_attention_layers(self) -> list[CrossAttentionLayer]:
+        """Every cross-attention block whose keys/values read the text embeddings."""
+        raise NotImplementedError
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the text embeddings cross-attention reads."""
+        raise NotImplementedError
+
+    # computation --------------------------------------------------------------------
+
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        *,
+        length: Literal["full", "longest"] = "full",
+        batch_size: int = 32,
+    ) -> PromptEncoding:
+        """Run the text encoder; see :class:`~conceptedit.engine.encoding.PromptEncoding`."""
+        raise NotImplementedError
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` alone, without start/end tokens (to find a keyword in a prompt)."""
+        raise NotImplementedError
+
+    def predict_noise(
+        self, latents: Tensor, timesteps: Tensor, hidden: Tensor, unet: nn.Module | None = None
+    ) -> Tensor:
+        """The denoiser's output for ``latents`` at ``timesteps`` given text embeddings."""
+        raise NotImplementedError
+
+    def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        """Shape of initial latents for images of ``height`` x ``width`` (default: native size)."""
+        raise NotImplementedError
+
+
+class StableDiffusionAdapter(BackboneAdapter):
+    """Stable Diffusion 1.x and 2.x (``StableDiffusionPipeline`` layout: CLIP text encoder + UNet)."""
+
+    family = "sd1"
+    description = "Stable Diffusion 1.x / 2.x: one CLIP text encoder, UNet2DConditionModel, AutoencoderKL"
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        parts = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+        if not all(getattr(pipeline, part, None) is not None for part in parts):
+            return False
+        return getattr(pipeline, "text_encoder_2", None) is None
+
+    def __init__(self, pipeline: Any) -> None:
+        super().__init__(pipeline)
+        # SD-2.x conditions on 1024-wide OpenCLIP embeddings; SD-1.x (and our tiny models) do not.
+        self.family = "sd2" if pipeline.unet.config.cross_attention_dim == 1024 else "sd1"
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.pipeline.text_encoder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pipeline.tokenizer
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.pipeline.unet
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.pipeline.vae
+
+    @property
+    def scheduler(self) -> Any:
+        return self.pipeline.scheduler
+
+    def components(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    def cross_attention_layers(self) -> list[CrossAttentionLayer]:
+        layers = [
+            CrossAttentionLayer(name, module)
+            for name, module in self.unet.named_modules()
+            if name.endswith("attn2") and getattr(module, "is_cross_attention", True)
+        ]
+        if not layers:
+            raise BackboneError("the UNet has no cross-attention (attn2) layers")
+        return layers
+
+    def tokenize(self, prompts: Sequence[str], length: Literal["full", "longest"] = "full") -> Tensor:
+        """Token ids of cleaned prompts, padded to 77 (``full``) or to the longest prompt."""
+        tok = self.tokenizer
+        out = tok(
+            [clean_prompt(p) for p in prompts],
+            padding="max_length" if length == "full" else "longest",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return out.input_ids
+
+    def token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(clean_prompt(text), add_special_tokens=False).input_ids)
+
+    @torch.no_grad()
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        *,
+        length: Literal["full", "longest"] = "full",
+        batch_size: int = 32,
+    ) -> PromptEncoding:
+        prompts = list(prompts)
+        if not prompts:
+            raise EditError("no prompts to encode")
+        encoder = self.text_encoder
+        device = next(encoder.parameters()).device
+        ids = self.tokenize(prompts, length)
+        use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+        chunks = []
+        for start in range(0, len(prompts), batch_size):
+            batch = ids[start : start + batch_size].to(device)
+            mask = (batch != self.tokenizer.pad_token_id).long() if use_mask else None
+            chunks.append(encoder(batch, attention_mask=mask)[0].float())
+        eos = int(self.tokenizer.eos_token_id)
+        return PromptEncoding(
+            prompts=prompts,
+            input_ids=ids,
+            hidden=torch.cat(chunks),
+            eot_index=first_eot_index(ids, eos),
+            eos_token_id=eos,
+        )
+
+    def predict_noise(
+        self, latents: Tensor, timesteps: Tensor, hidden: Tensor, unet: nn.Module | None = None
+    ) -> Tensor:
+        model = unet if unet is not None else self.unet
+        dtype = next(self.unet.parameters()).dtype
+        return model(latents.to(dtype), timesteps, encoder_hidden_states=hidden.to(dtype)).sample
+
+    def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        scale = self.pipeline.vae_scale_factor
+        size = self.unet.config.sample_size
+        h = (height // scale) if height else size
+        w = (width // scale) if width else size
+        return (batch, int(self.unet.config.in_channels), h, w)
+
+
+def resolve_backbone(pipeline: Any, adapters: Sequence[type[BackboneAdapter]]) -> BackboneAdapter:
+    """The first registered adapter (latest registration first) that matches ``pipeline``."""
+    for adapter in adapters:
+        if adapter.matches(pipeline):
+            return adapter(pipeline)
+    known = ", ".join(a.__name__ for a in adapters) or "none"
+    raise BackboneError(
+        f"no backbone adapter handles a {type(pipeline).__name__} (adapters installed: {known}); "
+        "install a plugin that registers one via conceptedit_register_backbones"
+    )

@@ -1,0 +1,182 @@
+"""Built-in base models that need no network: randomly initialised SD-1.x pipelines.
+
+No SD weights can be had offline, so tests and dry runs use pipelines with SD-1.x's exact
+structure (cross-attention ``to_k``/``to_v`` without bias, the real CLIP tokenizer, SD's DDIM
+schedule) and seeded random weights. ``tiny-sd`` is small enough to build and sample in well under
+a second on a CPU; ``sd14-random`` has SD-1.4's exact sizes, for memory and speed checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from conceptedit.models.tokenizer import load_clip_tokenizer
+
+ComponentConfigs = dict[str, dict[str, Any]]
+"""Constructor keyword arguments per component: ``unet``, ``text_encoder`` and ``vae``."""
+
+# The published SD-1.4 component sizes (CompVis/stable-diffusion-v1-4), checked by building.
+SD14_PARAMETER_COUNTS = {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}
+
+CLIP_VOCAB_SIZE = 49408
+CLIP_BOS_ID = 49406
+CLIP_EOS_ID = 49407
+
+
+def sd_scheduler_config() -> dict[str, Any]:
+    """SD-1.x's DDIM schedule (what the v1 model cards ship)."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+
+
+def _text_config(hidden: int, intermediate: int, layers: int, heads: int) -> dict[str, Any]:
+    return {
+        "vocab_size": CLIP_VOCAB_SIZE,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "projection_dim": hidden,
+        # The real special-token ids, so pooling finds the end-of-text token by id.
+        "bos_token_id": CLIP_BOS_ID,
+        "eos_token_id": CLIP_EOS_ID,
+        "pad_token_id": CLIP_EOS_ID,
+    }
+
+
+def _unet_config(sample_size: int, channels: tuple[int, ...], layers_per_block: int,
+                 cross_attention_dim: int) -> dict[str, Any]:
+    depth = len(channels)
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": channels,
+        "layers_per_block": layers_per_block,
+        "down_block_types": ("CrossAttnDownBlock2D",) * (depth - 1) + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (depth - 1),
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": 8,  # diffusers' legacy name: SD-1.x uses 8 heads per attention layer
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "downsample_padding": 1,
+    }
+
+
+def _vae_config(sample_size: int, channels: tuple[int, ...], layers_per_block: int) -> dict[str, Any]:
+    depth = len(channels)
+    return {
+        "sample_size": sample_size,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": channels,
+        "layers_per_block": layers_per_block,
+        "down_block_types": ("DownEncoderBlock2D",) * depth,
+        "up_block_types": ("UpDecoderBlock2D",) * depth,
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "scaling_factor": 0.18215,
+    }
+
+
+def tiny_sd_configs() -> ComponentConfigs:
+    """SD-1.x structure at toy width: 64 px images, 8x8x4 latents, 32-wide CLIP text encoder."""
+    return {
+        "unet": _unet_config(sample_size=8, channels=(32, 64), layers_per_block=1, cross_attention_dim=32),
+        "text_encoder": _text_config(hidden=32, intermediate=37, layers=2, heads=4),
+        # Four VAE levels give SD's 8x downsampling, so 64 px images map to the UNet's 8x8 latents.
+        "vae": _vae_config(sample_size=64, channels=(32, 32, 64, 64), layers_per_block=1),
+    }
+
+
+def sd14_configs() -> ComponentConfigs:
+    """SD-1.4's exact component configs (UNet, CLIP ViT-L/14 text tower, KL-f8 VAE)."""
+    return {
+        "unet": _unet_config(sample_size=64, channels=(320, 640, 1280, 1280), layers_per_block=2,
+                             cross_attention_dim=768),
+        "text_encoder": _text_config(hidden=768, intermediate=3072, layers=12, heads=12),
+        "vae": _vae_config(sample_size=512, channels=(128, 256, 512, 512), layers_per_block=2),
+    }
+
+
+def build_components(configs: ComponentConfigs, seed: int = 0,
+                     device: torch.device | str = "cpu") -> dict[str, torch.nn.Module]:
+    """UNet, text encoder and VAE with seeded weights; reseeding per component keeps each one
+    independent of the others' sizes. ``device="meta"`` allocates nothing (for counting parameters)."""
+    with torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**configs["unet"])
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**configs["vae"])
+    return {"unet": unet, "text_encoder": text_encoder, "vae": vae}
+
+
+def sd14_random_components(device: torch.device | str = "cpu", seed: int = 0) -> dict[str, torch.nn.Module]:
+    """SD-1.4-sized components with random weights (about 4 GB in float32 unless on ``meta``)."""
+    return build_components(sd14_configs(), seed, device)
+
+
+def assemble_pipeline(components: dict[str, torch.nn.Module],
+                      dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """An SD pipeline around ``components`` with the real tokenizer, SD's DDIM and no safety checker."""
+    pipeline = StableDiffusionPipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=load_clip_tokenizer(),
+        unet=components["unet"],
+        scheduler=DDIMScheduler(**sd_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipeline.to(dtype=dtype) if dtype != torch.float32 else pipeline
+
+
+def build_tiny_sd(seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """A tiny SD-1.x pipeline for tests: builds and samples 64 px images in well under a second."""
+    return assemble_pipeline(build_components(tiny_sd_configs(), seed), dtype)
+
+
+def build_sd14_random(seed: int = 0, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+    """SD-1.4's exact architecture with random weights: real memory and speed without the weights."""
+    return assemble_pipeline(sd14_random_components(device, seed), dtype)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model reachable as ``builtin:NAME``."""
+
+    name: str
+    description: str
+    build: Callable[..., StableDiffusionPipeline]
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    model.name: model
+    for model in (
+        BuiltinModel("tiny-sd", "tiny random SD-1.x (64 px, 3.4M parameters) for tests and dry runs", build_tiny_sd),
+        BuiltinModel("sd14-random", "SD-1.4's exact architecture (1.07B parameters) with random weights",
+                     build_sd14_random),
+    )
+}

@@ -1,0 +1,201 @@
+"""Loading base models: hub ids and local folders (``from_pretrained``), single checkpoint files
+(``from_single_file``) and the built-in models that need no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conceptedit.errors import ModelLoadError
+from conceptedit.models.builtin import BUILTIN_MODELS
+
+BUILTIN_PREFIX = "builtin:"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline plus what the manifest records about where it came from.
+
+    Attributes:
+        pipeline: The loaded diffusers pipeline (safety checker off).
+        kind: ``builtin``, ``folder``, ``single_file`` or ``hub``.
+        id: The model id as given.
+        revision: Hub revision asked for (hub only).
+        file_hashes: sha256 of each weight file read (relative path → hex), or of the
+            built-in model's state for built-ins.
+    """
+
+    pipeline: Any
+    kind: str
+    id: str
+    revision: str | None = None
+    file_hashes: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "revision": self.revision, "file_hashes": self.file_hashes}
+
+
+def load_model(
+    model_id: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+) -> LoadedModel:
+    """Load a base model from any supported source onto ``device`` in ``dtype``."""
+    torch_dtype = DTYPES[dtype]
+    if model_id.startswith(BUILTIN_PREFIX):
+        loaded = _load_builtin(model_id)
+    else:
+        path = Path(model_id).expanduser()
+        if path.suffix in WEIGHT_SUFFIXES:
+            loaded = _load_single_file(model_id, path, torch_dtype)
+        elif path.is_dir():
+            loaded = _load_folder(model_id, path, torch_dtype, variant)
+        elif _looks_like_path(model_id):
+            raise ModelLoadError(
+                f"model {model_id!r}: no such folder ({path.resolve()}); give a diffusers folder "
+                "(with model_index.json), a .safetensors file, a hub id or builtin:NAME"
+            )
+        else:
+            loaded = _load_hub(model_id, revision, torch_dtype, variant)
+    loaded.pipeline.to(device=device)
+    if loaded.pipeline.unet.dtype != torch_dtype:
+        loaded.pipeline.to(dtype=torch_dtype)
+    loaded.pipeline.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def _looks_like_path(model_id: str) -> bool:
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") != 1 or "\\" in model_id
+
+
+def _load_builtin(model_id: str) -> LoadedModel:
+    name = model_id[len(BUILTIN_PREFIX) :]
+    entry = BUILTIN_MODELS.get(name)
+    if entry is None:
+        close = get_close_matches(name, list(BUILTIN_MODELS), n=1)
+        hint = f"did you mean builtin:{close[0]}? " if close else ""
+        raise ModelLoadError(
+            f"unknown built-in model {model_id!r}; {hint}built-ins: "
+            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+        )
+    pipeline = entry.build()
+    return LoadedModel(pipeline, "builtin", model_id, file_hashes={"state": state_digest(pipeline)})
+
+
+def _load_folder(model_id: str, path: Path, dtype: torch.dtype, variant: str | None) -> LoadedModel:
+    from diffusers import StableDiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"model folder {path} has no model_index.json; is it a diffusers pipeline folder?")
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            str(path),
+            torch_dtype=dtype,
+            variant=variant,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the diffusers folder {path}: {exc}") from exc
+    return LoadedModel(pipeline, "folder", model_id, file_hashes=_hash_weights(path))
+
+
+def _load_single_file(model_id: str, path: Path, dtype: torch.dtype) -> LoadedModel:
+    from diffusers import StableDiffusionPipeline
+
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(
+            f"{path.name}: only .safetensors checkpoints are loaded (other formats unpickle arbitrary code); "
+            "convert it to safetensors first"
+        )
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint file {path} does not exist")
+    try:
+        pipeline = StableDiffusionPipeline.from_single_file(
+            str(path), torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the checkpoint {path}: {exc}") from exc
+    return LoadedModel(pipeline, "single_file", model_id, file_hashes={path.name: _sha256(path)})
+
+
+def _load_hub(model_id: str, revision: str | None, dtype: torch.dtype, variant: str | None) -> LoadedModel:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            model_id,
+            revision=revision,
+            torch_dtype=dtype,
+            variant=variant,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load {model_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "Without network access, download the model elsewhere and pass its local folder, "
+            f"or use a built-in model such as builtin:tiny-sd (no local folder {Path(model_id).resolve()} exists)"
+        ) from exc
+    hashes: dict[str, str] = {}
+    folder = _hub_snapshot(model_id, revision)
+    if folder is not None:
+        hashes = _hash_weights(folder)
+    return LoadedModel(pipeline, "hub", model_id, revision, hashes)
+
+
+def _hub_snapshot(model_id: str, revision: str | None) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, revision=revision, local_files_only=True))
+    except Exception:  # the hashes are informative; a cache layout we cannot read is not fatal
+        return None
+
+
+def _hash_weights(folder: Path) -> dict[str, str]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    return {str(p.relative_to(folder)): _sha256(p) for p in files}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_digest(pipeline: Any) -> str:
+    """sha256 over every weight of the pipeline's UNet, text encoder and VAE, in name order."""
+    digest = hashlib.sha256()
+    for component in ("unet", "text_encoder", "vae"):
+        module = getattr(pipeline, component, None)
+        if module is not None:
+            _update_with_module(digest, component, module)
+    return digest.hexdigest()
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """sha256 over one module's weights in name order (cache keys of derived data)."""
+    digest = hashlib.sha256()
+    _update_with_module(digest, "", module)
+    return digest.hexdigest()
+
+
+def _update_with_module(digest: Any, prefix: str, module: torch.nn.Module) -> None:
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{prefix}.{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

@@ -1,0 +1,51 @@
+"""The SD-1.x CLIP tokenizer, shipped as package data, and the prompt cleaning pinned to it.
+
+The files under ``assets/clip_tokenizer/`` are byte-identical to ``openai/clip-vit-large-patch14``'s
+``vocab.json``/``merges.txt`` (built by ``scripts/build_clip_tokenizer.py``), so no model hub is needed.
+
+Why cleaning is pinned here: OpenAI CLIP cleans every prompt with ``ftfy.fix_text``, a double
+``html.unescape`` and whitespace collapsing before BPE; transformers 4's slow ``CLIPTokenizer``
+(what diffusers' SD pipelines used) also ran ftfy. transformers 5's ``CLIPTokenizer`` runs none of
+it, so prompts with curly quotes, HTML entities or mojibake (about 2% of I2P) tokenize differently
+depending on the installed version. Cleaning prompts ourselves makes token ids, and with them every
+edit and evaluation, match how SD-1.x was trained and evaluated, whatever transformers is installed.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import ftfy
+import torch
+from transformers import CLIPTokenizer
+
+CLIP_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
+_WHITESPACE = re.compile(r"\s+")
+
+
+def load_clip_tokenizer() -> CLIPTokenizer:
+    """The SD-1.x CLIP tokenizer from package data (pad = eos, 77 tokens); never touches the network."""
+    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), local_files_only=True)
+
+
+def clean_prompt(text: str) -> str:
+    """Clean a prompt exactly as OpenAI CLIP does before BPE (lower-casing is left to the tokenizer)."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str], max_length: int | None = None) -> torch.LongTensor:
+    """Token ids of cleaned prompts, truncated and padded to ``max_length`` (default: the model's 77)."""
+    length = tokenizer.model_max_length if max_length is None else max_length
+    encoded = tokenizer(
+        [clean_prompt(p) for p in prompts],
+        padding="max_length",
+        truncation=True,
+        max_length=length,
+        return_tensors="pt",
+    )
+    return encoded.input_ids

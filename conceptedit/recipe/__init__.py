@@ -1,0 +1,1 @@
+"""Recipes: YAML files that say which edits to apply to which model, validated by pydantic."""

@@ -1,0 +1,385 @@
+"""Reading, overriding and validating recipes, with errors that point at the YAML line.
+
+Everything wrong with a recipe is collected and raised at once as one
+:class:`~conceptedit.errors.RecipeError`: each issue names the file, line, YAML path and,
+where one exists, a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from conceptedit.errors import PluginError, RecipeError, RecipeIssue
+from conceptedit.plugins import PluginHost, get_host
+from conceptedit.recipe.concepts import ConceptFileError, read_concept_file
+from conceptedit.recipe.schema import ConceptRefMarker, GroupBase, RecipeBase, RecipeSchema, resolve_relative
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe with where it came from.
+
+    Attributes:
+        recipe: The validated recipe (defaults filled, overrides applied).
+        source: The recipe file, or None for a recipe given as data.
+        text: The recipe file's text as given (None for data).
+        base_dir: Folder that relative paths in the recipe are resolved against.
+        overrides: The ``--set`` overrides applied, in order.
+        host: The plugin host the recipe was validated against.
+    """
+
+    recipe: RecipeBase
+    source: Path | None
+    text: str | None
+    base_dir: Path
+    overrides: list[str]
+    host: PluginHost
+
+    @property
+    def stem(self) -> str:
+        return self.source.stem if self.source else "recipe"
+
+
+def load_recipe(
+    recipe: str | Path | dict[str, Any],
+    *,
+    overrides: list[str] | None = None,
+    host: PluginHost | None = None,
+) -> LoadedRecipe:
+    """Read (if a path), override, load the plugins it names, and validate a recipe."""
+    host = host or get_host()
+    overrides = list(overrides or [])
+    if isinstance(recipe, dict):
+        source, text, base_dir, lines = None, None, Path.cwd(), _LineIndex(None)
+        data: Any = copy.deepcopy(recipe)
+    else:
+        source = Path(recipe)
+        if not source.is_file():
+            raise RecipeError(str(source), [RecipeIssue("", "recipe file not found", suggestion="check the path")])
+        text = source.read_text(encoding="utf-8")
+        base_dir = source.resolve().parent
+        data, lines = _parse_yaml(text, str(source))
+    label = str(source) if source else None
+    issues: list[RecipeIssue] = []
+    if not isinstance(data, dict):
+        raise RecipeError(label, [RecipeIssue("", "a recipe must be a YAML mapping (key: value lines)", line=1)])
+    for item in overrides:
+        issue = apply_override(data, item)
+        if issue is not None:
+            issues.append(issue)
+    issues.extend(_load_recipe_plugins(data, base_dir, host, lines))
+    schema = schema_for(host)
+    try:
+        model = schema.model.model_validate(data)
+    except ValidationError as exc:
+        issues.extend(_convert_errors(exc, schema, lines))
+        raise RecipeError(label, issues) from None
+    issues.extend(_cross_checks(model, schema, base_dir, host, lines))
+    if issues:
+        raise RecipeError(label, issues)
+    loaded = LoadedRecipe(model, source, text, base_dir, overrides, host)
+    host.pm.hook.conceptedit_recipe_loaded(recipe=model, source=label)
+    return loaded
+
+
+def schema_for(host: PluginHost) -> RecipeSchema:
+    """The recipe schema for the methods ``host`` has registered."""
+    return RecipeSchema(host.registry.methods)
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+
+class _LineIndex:
+    """Maps dotted YAML paths to 1-based line numbers."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self.lines: dict[str, int] = {}
+        if root is not None:
+            self._walk(root, "")
+
+    def _walk(self, node: yaml.Node, path: str) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = f"{path}.{key.value}" if path else str(key.value)
+                self.lines[child] = key.start_mark.line + 1
+                self._walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                self._walk(value, f"{path}.{i}" if path else str(i))
+
+    def line(self, path: str) -> int | None:
+        while True:
+            if path in self.lines:
+                return self.lines[path]
+            if "." not in path:
+                return self.lines.get("")
+            path = path.rsplit(".", 1)[0]
+
+
+def _parse_yaml(text: str, label: str) -> tuple[Any, _LineIndex]:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problem = f"{exc.problem or 'invalid YAML'}" + (f" ({exc.context})" if exc.context else "")
+        raise RecipeError(
+            label,
+            [RecipeIssue("", f"invalid YAML: {problem}", line=line, suggestion="check indentation, colons and quotes")],
+        ) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(label, [RecipeIssue("", f"invalid YAML: {exc}")]) from None
+    if data is None:
+        raise RecipeError(label, [RecipeIssue("", "the recipe is empty", suggestion="see recipes/ for examples")])
+    return data, _LineIndex(root)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def apply_override(data: dict[str, Any], item: str) -> RecipeIssue | None:
+    """Apply one ``a.b.0.c=value`` override in place (value parsed as YAML); an issue if it can't."""
+    path, sep, raw = item.partition("=")
+    path = path.strip()
+    if not sep or not path:
+        return RecipeIssue(item, "override must look like path.to.key=value", suggestion="e.g. edits.0.params.lr=1e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = path.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        walked = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return RecipeIssue(walked, f"--set: no list item {part!r} (the list has {len(node)})")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            return RecipeIssue(walked, f"--set: {walked!r} is a value, not a mapping or list")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            return RecipeIssue(path, f"--set: no list item {last!r} (the list has {len(node)})")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        return RecipeIssue(path, "--set: parent is a value, not a mapping or list")
+    return None
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+def _load_recipe_plugins(
+    data: dict[str, Any], base_dir: Path, host: PluginHost, lines: _LineIndex
+) -> list[RecipeIssue]:
+    paths = data.get("plugins") or []
+    if not isinstance(paths, list):
+        return []  # the schema reports the type error
+    issues = []
+    for i, path in enumerate(paths):
+        if not isinstance(path, str):
+            continue
+        try:
+            host.load_path(path, base=base_dir)
+        except PluginError as exc:
+            issues.append(
+                RecipeIssue(
+                    f"plugins.{i}",
+                    str(exc),
+                    lines.line(f"plugins.{i}"),
+                    "give a .py file or a folder of them, relative to the recipe",
+                )
+            )
+    return issues
+
+
+# --------------------------------------------------------------------------- error rendering
+
+
+def _convert_errors(exc: ValidationError, schema: RecipeSchema, lines: _LineIndex) -> list[RecipeIssue]:
+    issues = []
+    for err in exc.errors():
+        loc = _strip_tags(err["loc"], schema)
+        path = ".".join(str(part) for part in loc)
+        kind = err["type"]
+        message = err["msg"]
+        suggestion = None
+        if kind == "extra_forbidden":
+            key = str(loc[-1])
+            allowed = _allowed_keys(schema, err["loc"][:-1])
+            message = f"unknown key {key!r}"
+            close = get_close_matches(key, allowed, n=1, cutoff=0.5)
+            if close:
+                suggestion = f"did you mean {close[0]!r}?"
+            elif allowed:
+                suggestion = "allowed keys: " + ", ".join(allowed)
+        elif kind == "unknown_method":
+            given = _tag_value(err.get("input"))
+            known = [t for t in schema.tag_models if t != "group"]
+            if given is None:
+                message = "each edit needs a `method:` key (or `group:` for a training group)"
+                suggestion = "methods installed: " + ", ".join(known)
+            else:
+                message = f"unknown edit method {given!r}"
+                close = get_close_matches(str(given), known, n=1, cutoff=0.5)
+                suggestion = (f"did you mean {close[0]!r}? " if close else "") + "installed: " + ", ".join(known)
+                suggestion += "; `conceptedit plugins` lists what failed to load"
+        elif kind == "missing":
+            message = f"required key {loc[-1]!r} is missing"
+            if path == "schema_version":
+                suggestion = "add `schema_version: 1`"
+        elif kind == "literal_error" and path == "schema_version":
+            suggestion = "this conceptedit reads schema_version 1"
+        elif kind == "string_pattern_mismatch" and path == "device":
+            message = f"invalid device {err.get('input')!r}"
+            suggestion = "use auto, cpu, cuda, cuda:N or mps"
+        elif kind in ("greater_than", "greater_than_equal"):
+            suggestion = "use a positive number" if kind == "greater_than" else "use a number >= the bound"
+        issues.append(RecipeIssue(path, message, lines.line(path), suggestion))
+    return issues
+
+
+def _tag_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value.get("method")
+    return None
+
+
+def _strip_tags(loc: tuple[Any, ...], schema: RecipeSchema) -> tuple[Any, ...]:
+    """Drop the union-tag parts pydantic inserts after a list index (``edits.0.<tag>.params``)."""
+    out: list[Any] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and i > 0 and isinstance(loc[i - 1], int) and part in schema.tag_models:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _allowed_keys(schema: RecipeSchema, loc: tuple[Any, ...]) -> list[str]:
+    model: Any = schema.model
+    for part in loc:
+        if isinstance(part, str) and part in schema.tag_models and not _has_field(model, part):
+            model = schema.tag_models[part]
+            continue
+        model = _descend(model, part)
+        if model is None:
+            return []
+    return list(model.model_fields) if _is_model(model) else []
+
+
+def _has_field(model: Any, name: str) -> bool:
+    return _is_model(model) and name in model.model_fields
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def _descend(model: Any, part: Any) -> Any:
+    """The type found one step below ``model`` at ``part`` (field, list index or dict key)."""
+    if _is_model(model):
+        if not isinstance(part, str) or part not in model.model_fields:
+            return None
+        return _unwrap(model.model_fields[part].annotation)
+    origin = get_origin(model)
+    if origin in (list, tuple):
+        return _unwrap(get_args(model)[0])
+    if origin is dict:
+        return _unwrap(get_args(model)[1])
+    return model  # a union of tagged edits: the tag part selects the member next
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional and Annotated so the walk reaches the model or container inside."""
+    while True:
+        args = get_args(annotation)
+        if hasattr(annotation, "__metadata__"):
+            annotation = args[0]
+            continue
+        models = [a for a in args if _is_model(a)]
+        if get_origin(annotation) not in (list, tuple, dict) and len(models) == 1:
+            annotation = models[0]
+            continue
+        return annotation
+
+
+# --------------------------------------------------------------------------- cross-field checks
+
+
+def _cross_checks(
+    recipe: RecipeBase, schema: RecipeSchema, base_dir: Path, host: PluginHost, lines: _LineIndex
+) -> list[RecipeIssue]:
+    issues: list[RecipeIssue] = []
+    for name, concept_set in recipe.concepts.items():
+        if concept_set.file is not None:
+            path = f"concepts.{name}.file"
+            try:
+                read_concept_file(resolve_relative(base_dir, concept_set.file))
+            except ConceptFileError as exc:
+                issues.append(RecipeIssue(path, str(exc), lines.line(path), "paths are relative to the recipe file"))
+    known_sets = list(recipe.concepts)
+    for i, item in enumerate(recipe.edits):  # type: ignore[attr-defined]
+        if isinstance(item, GroupBase):
+            for j, member in enumerate(item.edits):
+                prefix = f"edits.{i}.edits.{j}"
+                if "training" in member.model_fields_set:
+                    issues.append(
+                        RecipeIssue(
+                            f"{prefix}.training",
+                            "a group member cannot set its own training loop",
+                            lines.line(f"{prefix}.training"),
+                            f"move it to edits.{i}.training",
+                        )
+                    )
+                issues.extend(_check_refs(member, prefix, known_sets, lines))
+        else:
+            issues.extend(_check_refs(item, f"edits.{i}", known_sets, lines))
+    exporters = host.registry.exporters
+    for k, fmt in enumerate(recipe.output.formats):
+        if fmt not in exporters:
+            close = get_close_matches(fmt, list(exporters), n=1)
+            issues.append(
+                RecipeIssue(
+                    f"output.formats.{k}",
+                    f"unknown output format {fmt!r}",
+                    lines.line(f"output.formats.{k}"),
+                    (f"did you mean {close[0]!r}? " if close else "") + "known: " + ", ".join(exporters),
+                )
+            )
+    return issues
+
+
+def _check_refs(edit: Any, prefix: str, known: list[str], lines: _LineIndex) -> list[RecipeIssue]:
+    issues = []
+    params = edit.params
+    for field_name, info in type(params).model_fields.items():
+        if not any(isinstance(m, ConceptRefMarker) for m in info.metadata):
+            continue
+        value = getattr(params, field_name)
+        values = value if isinstance(value, list) else [value]
+        for ref in values:
+            if ref is not None and ref not in known:
+                path = f"{prefix}.params.{field_name}"
+                close = get_close_matches(str(ref), known, n=1)
+                hint = (
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else ("define it under `concepts:`" + (f" (have: {', '.join(known)})" if known else ""))
+                )
+                issues.append(RecipeIssue(path, f"no concept set named {ref!r}", lines.line(path), hint))
+    return issues

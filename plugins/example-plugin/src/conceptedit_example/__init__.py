@@ -1,0 +1,59 @@
+"""conceptedit-example: the ``concept_swap`` edit method, a plugin in one file.
+
+It uses two engine hook points: prompt encoding (to get each prompt's [EoT] embedding) and
+attention edit (to hand the engine a key/value problem to solve in closed form).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from pydantic import Field
+
+from conceptedit import EditContext, EditMethod, KVEdit, MethodParams, hookimpl
+
+
+class SwapParams(MethodParams):
+    """What a recipe can set under ``params:``."""
+
+    concept: str = Field(description="Phrase to replace, e.g. 'a cat'.")
+    target: str = Field(description="Phrase it should behave like, e.g. 'a dog'.")
+    templates: list[str] = Field(
+        ["{}", "a photo of {}", "a painting of {}"], description="Prompts the swap is learned from; {} is the phrase."
+    )
+    preserve: list[str] = Field([], description="Prompts whose outputs must not change.")
+    preserve_scale: float = Field(1.0, ge=0, description="How hard to hold the preserve prompts.")
+    ridge: float = Field(0.1, gt=0, description="Keeps the new weights near the old ones.")
+
+
+class ConceptSwap(EditMethod):
+    """Map the [EoT] embedding of concept prompts onto the projections of target prompts."""
+
+    name = "concept_swap"
+    summary = "Swap one concept for another by a closed-form cross-attention edit"
+    kind = "closed_form"
+    Params = SwapParams
+
+    def attention_edits(self, ctx: EditContext) -> Iterable[KVEdit]:
+        p: SwapParams = self.params  # type: ignore[assignment]
+        sources = [t.replace("{}", p.concept) for t in p.templates]
+        targets = [t.replace("{}", p.target) for t in p.templates]
+        src = self.encode_prompts(ctx, sources)
+        dst = self.encode_prompts(ctx, targets)
+        preserve = None
+        if p.preserve:
+            kept = self.encode_prompts(ctx, p.preserve)
+            preserve = kept.row("eot")
+        yield KVEdit(
+            keys=src.row("eot"),
+            targets=dst.row("eot"),
+            preserve=preserve,
+            preserve_scale=p.preserve_scale,
+            ridge=p.ridge,
+            label=f"{p.concept} -> {p.target}",
+        )
+
+
+@hookimpl
+def conceptedit_register_methods(register: Callable[[type[EditMethod]], None]) -> None:
+    register(ConceptSwap)
