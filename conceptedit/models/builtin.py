@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from conceptedit.models.tokenizer import load_clip_tokenizer
+
+if TYPE_CHECKING:  # diffusers/transformers load on first build: ``import conceptedit`` must stay cheap
+    from diffusers import StableDiffusionPipeline
 
 ComponentConfigs = dict[str, dict[str, Any]]
 """Constructor keyword arguments per component: ``unet``, ``text_encoder`` and ``vae``."""
@@ -121,6 +122,9 @@ def build_components(configs: ComponentConfigs, seed: int = 0,
                      device: torch.device | str = "cpu") -> dict[str, torch.nn.Module]:
     """UNet, text encoder and VAE with seeded weights; reseeding per component keeps each one
     independent of the others' sizes. ``device="meta"`` allocates nothing (for counting parameters)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     with torch.device(device):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**configs["unet"])
@@ -139,6 +143,8 @@ def sd14_random_components(device: torch.device | str = "cpu", seed: int = 0) ->
 def assemble_pipeline(components: dict[str, torch.nn.Module],
                       dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """An SD pipeline around ``components`` with the real tokenizer, SD's DDIM and no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     pipeline = StableDiffusionPipeline(
         vae=components["vae"],
         text_encoder=components["text_encoder"],

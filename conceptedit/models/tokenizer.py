@@ -17,10 +17,13 @@ import html
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
-import torch
-from transformers import CLIPTokenizer
+
+if TYPE_CHECKING:  # transformers is imported on first load only: importing this module must stay cheap
+    import torch
+    from transformers import CLIPTokenizer
 
 CLIP_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
 _WHITESPACE = re.compile(r"\s+")
@@ -28,6 +31,8 @@ _WHITESPACE = re.compile(r"\s+")
 
 def load_clip_tokenizer() -> CLIPTokenizer:
     """The SD-1.x CLIP tokenizer from package data (pad = eos, 77 tokens); never touches the network."""
+    from transformers import CLIPTokenizer
+
     return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), local_files_only=True)
 
 
