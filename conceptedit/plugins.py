@@ -23,7 +23,7 @@ import importlib.util
 import os
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,7 +74,8 @@ class PluginHost:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
-        self.infos: dict[str, PluginInfo] = {}
+        self._infos: dict[str, PluginInfo] = {}
+        self._origins: dict[tuple[str, str], str] = {}  # (source, where from) -> plugin name
         self._registry: Registry | None = None
         if os.environ.get("CONCEPTEDIT_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(lambda msg: print(msg, file=sys.stderr, end=""))
@@ -92,24 +93,25 @@ class PluginHost:
         only = _env_list("CONCEPTEDIT_LOAD_PLUGINS")
         blocked = set(_env_list("CONCEPTEDIT_DISABLE_PLUGINS") or [])
         dists = importlib.metadata.distributions() if distributions is None else distributions
-        seen: set[tuple[str, str]] = set()
         for dist in dists:
             dist_name = dist.metadata["Name"] or "?"
             for ep in dist.entry_points:
-                if ep.group != ENTRY_POINT_GROUP or (dist_name, ep.name) in seen:
-                    continue
-                seen.add((dist_name, ep.name))
+                origin = ("entry point", f"{dist_name}:{ep.name}")
+                if ep.group != ENTRY_POINT_GROUP or origin in self._origins:
+                    continue  # a distribution found twice on sys.path loads once
                 names = {ep.name, dist_name}
                 if (only is not None and not names & set(only)) or names & blocked:
                     continue
-                info = PluginInfo(ep.name, "entry point", ep.value, dist_name, dist.version)
+                name = self._free_name(ep.name)  # two distributions may use the same entry-point name
+                self._origins[origin] = name
+                info = PluginInfo(name, "entry point", ep.value, dist_name, dist.version)
                 try:
                     module = ep.load()
                 except Exception as exc:  # a broken plugin must not take the host down
                     info.error = _describe(exc)
-                    self.infos[ep.name] = info
+                    self._infos[name] = info
                     continue
-                self._register(module, ep.name, info)
+                self._register(module, name, info)
 
     def load_path(self, path: str | Path, base: Path | None = None) -> None:
         """Load a plugin from a ``.py`` file, or every ``.py`` file in a folder."""
@@ -122,34 +124,55 @@ class PluginHost:
             return
         if not target.is_file():
             raise PluginError(f"plugin path {str(path)!r} does not exist (looked for {target})")
-        name = f"conceptedit_local_{target.stem}"
-        info = PluginInfo(target.stem, "path", str(target))
-        spec = importlib.util.spec_from_file_location(name, target)
+        origin = ("path", str(target.resolve()))
+        if origin in self._origins:
+            return  # named by both a recipe and --plugins-dir, or a recipe applied twice: load once
+        name = self._free_name(target.stem)  # my_edit.py in two folders: my_edit, my_edit-2
+        module_name = f"conceptedit_local_{name.replace('-', '_')}"
+        spec = importlib.util.spec_from_file_location(module_name, target)
         if spec is None or spec.loader is None:
             raise PluginError(f"plugin path {target} is not a Python file")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
+        sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            sys.modules.pop(name, None)
+            sys.modules.pop(module_name, None)
             raise PluginError(f"plugin file {target} failed to import: {_describe(exc)}") from exc
-        self._register(module, target.stem, info)
+        self._origins[origin] = name
+        self._register(module, name, PluginInfo(name, "path", str(target)))
 
     def register(self, plugin: object, name: str | None = None) -> str:
-        """Register an in-process plugin object (tests, notebooks)."""
-        label = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        """Register an in-process plugin object (tests, notebooks); returns the name it got.
+
+        Two objects of one class (two recorders, say) both register: the second gets
+        ``Name-2``. Registering the same object again does nothing.
+        """
+        existing = self.pm.get_name(plugin)
+        if existing is not None:
+            return existing
+        label = self._free_name(name or getattr(plugin, "__name__", None) or type(plugin).__name__)
         self._register(plugin, label, PluginInfo(label, "registered", repr(plugin)))
         return label
 
     def unregister(self, name: str) -> None:
-        self.pm.unregister(name=name)
-        self.infos.pop(name, None)
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+        self._infos.pop(name, None)
+        self._origins = {k: v for k, v in self._origins.items() if v != name}
         self._registry = None
 
+    def _free_name(self, name: str) -> str:
+        """``name``, or ``name-2``, ``name-3``... when another plugin already has it."""
+        candidate, n = name, 1
+        while candidate in self._infos or self.pm.has_plugin(candidate):
+            n += 1
+            candidate = f"{name}-{n}"
+        return candidate
+
     def _register(self, plugin: object, name: str, info: PluginInfo) -> None:
-        if self.pm.has_plugin(name) or self.pm.is_registered(plugin):
-            return
+        if self.pm.is_registered(plugin):
+            return  # two entry points naming one module
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
@@ -158,10 +181,16 @@ class PluginHost:
                 self.pm.unregister(name=name)
             info.error = f"invalid plugin: {exc}"
         info.hooks = sorted(h.name for h in (self.pm.get_hookcallers(plugin) or []))
-        self.infos[name] = info
+        self._infos[name] = info
         self._registry = None
 
     # registries ---------------------------------------------------------------------
+
+    @property
+    def infos(self) -> dict[str, PluginInfo]:
+        """Every plugin by name, failed ones included; ``provides`` and errors are up to date."""
+        _ = self.registry  # registering can fail or add methods: collect before reporting
+        return self._infos
 
     @property
     def registry(self) -> Registry:
@@ -170,31 +199,64 @@ class PluginHost:
         return self._registry
 
     def _collect(self) -> Registry:
+        # A plugin whose registration hook raises is failed as a whole: it is unregistered (so
+        # its lifecycle hooks never run either) and the registries are collected again without it.
+        while True:
+            reg, failed = self._collect_once()
+            if not failed:
+                return reg
+            for name in failed:
+                if self.pm.has_plugin(name):
+                    self.pm.unregister(name=name)
+                if name in self._infos:
+                    self._infos[name].hooks = []
+
+    def _collect_once(self) -> tuple[Registry, set[str]]:
         # Walk implementations in registration order (pluggy would call them last-first) so
         # each registration is attributed to its plugin and later plugins override earlier ones.
         reg = Registry()
+        failed: set[str] = set()
+        for info in self._infos.values():
+            info.provides = []
         hooks = self.pm.hook
         for impl in hooks.conceptedit_register_methods.get_hookimpls():
-            info = self.infos.get(impl.plugin_name)
-            impl.function(
-                register=lambda cls, origin=impl.plugin_name, info=info: self._add_method(reg, cls, origin, info)
-            )
+            classes = self._registrations(impl, _check_method)
+            for cls in classes or []:
+                self._add_method(reg, cls, impl.plugin_name)
+            if classes is None:
+                failed.add(impl.plugin_name)
         for impl in hooks.conceptedit_register_backbones.get_hookimpls():
-            impl.function(register=reg.backbones.append)
+            adapters = self._registrations(impl)
+            reg.backbones.extend(adapters or [])
+            if adapters is None:
+                failed.add(impl.plugin_name)
         for impl in hooks.conceptedit_register_exporters.get_hookimpls():
-            impl.function(register=lambda exp: reg.exporters.__setitem__(exp.name, exp))
+            exporters = self._registrations(impl)
+            reg.exporters.update((exp.name, exp) for exp in exporters or [])
+            if exporters is None:
+                failed.add(impl.plugin_name)
         # later registrations are tried first, so a plugin can take over a built-in family
         reg.backbones.reverse()
-        return reg
+        return reg, failed
 
-    def _add_method(self, reg: Registry, cls: type[EditMethod], origin: str, info: PluginInfo | None) -> None:
-        from conceptedit.methods import EditMethod
+    def _registrations(self, impl: pluggy.HookImpl, check: Callable[[Any, str], Any] | None = None) -> list[Any] | None:
+        """What one plugin's registration hook registers; None (plugin recorded as failed) if it raises."""
+        found: list[Any] = []
 
-        if not (isinstance(cls, type) and issubclass(cls, EditMethod)):
-            raise PluginError(f"plugin {origin!r} registered {cls!r}, which is not an EditMethod subclass")
-        for attr in ("name", "summary", "kind"):
-            if not getattr(cls, attr, None):
-                raise PluginError(f"method class {cls.__qualname__} from plugin {origin!r} must set `{attr}`")
+        def register(obj: Any) -> None:
+            found.append(check(obj, impl.plugin_name) if check else obj)
+
+        try:
+            impl.function(**{arg: register for arg in impl.argnames})
+        except Exception as exc:  # a plugin's bug must not take every command down
+            info = self._infos.get(impl.plugin_name)
+            if info is not None:
+                info.error = f"{impl.function.__name__} raised {_describe(exc)}"
+            return None
+        return found
+
+    def _add_method(self, reg: Registry, cls: type[EditMethod], origin: str) -> None:
+        info = self._infos.get(origin)
         if cls.name in reg.methods and reg.methods[cls.name] is not cls:
             reg.conflicts.append(
                 f"method {cls.name!r} is registered by both {reg.method_origin[cls.name]!r} and {origin!r}; "
@@ -220,13 +282,30 @@ class PluginHost:
         close = get_close_matches(name, list(self.registry.methods), n=1)
         if close:
             text += f"; did you mean {close[0]!r}?"
-        broken = [i for i in self.infos.values() if i.error]
-        if broken:
-            text += "; plugins that failed to load: " + ", ".join(f"{i.name} ({i.error})" for i in broken)
-        return text
+        note = self.failure_note()
+        return f"{text}; {note}" if note else text
+
+    def failure_note(self) -> str | None:
+        """``plugins that failed to load: NAME (ERROR), ...``, or None: for messages about a missing method."""
+        broken = self.failed()
+        if not broken:
+            return None
+        return "plugins that failed to load: " + ", ".join(f"{i.name} ({i.error})" for i in broken)
 
     def failed(self) -> list[PluginInfo]:
         return [info for info in self.infos.values() if info.error]
+
+
+def _check_method(cls: Any, origin: str) -> type[EditMethod]:
+    """``cls`` if it is a usable method class; a :class:`PluginError` naming the plugin if not."""
+    from conceptedit.methods import EditMethod
+
+    if not (isinstance(cls, type) and issubclass(cls, EditMethod)):
+        raise PluginError(f"plugin {origin!r} registered {cls!r}, which is not an EditMethod subclass")
+    for attr in ("name", "summary", "kind"):
+        if not getattr(cls, attr, None):
+            raise PluginError(f"method class {cls.__qualname__} from plugin {origin!r} must set `{attr}`")
+    return cls
 
 
 def _env_list(name: str) -> list[str] | None:

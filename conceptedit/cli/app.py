@@ -43,7 +43,10 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except RecipeError as exc:
-            err.print(f"[bold red]error:[/] {len(exc.issues)} problem(s) in recipe {exc.source or '<recipe>'}")
+            err.print(
+                f"[bold red]error:[/] {len(exc.issues)} problem(s) in recipe {_escape(exc.source or '<recipe>')}",
+                soft_wrap=True,
+            )
             for issue in exc.issues:
                 err.print("  " + _escape(issue.render(exc.source)), soft_wrap=True)
             raise typer.Exit(2) from None

@@ -52,6 +52,7 @@ class RunContext:
         run_dir: The run folder being written (a staging folder until the run completes).
         reporter: Progress bars.
         cache_dir: Where methods cache reusable intermediate results.
+        base_fingerprint: Identifies the base model (its file hashes), for cache keys.
     """
 
     loaded: LoadedRecipe
@@ -63,6 +64,7 @@ class RunContext:
     run_dir: Path
     reporter: Reporter
     cache_dir: Path = field(default_factory=default_cache_dir)
+    base_fingerprint: str = ""
     training_modules: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
@@ -84,6 +86,7 @@ class EditContext:
         index: The edit's position in the recipe (group members share their group's).
         method: The method object running this edit.
         generator: Seeded randomness for this edit; use it for every random draw.
+        training: The training-loop settings in force (a group's, for a group member), or None.
     """
 
     run: RunContext
@@ -91,6 +94,7 @@ class EditContext:
     index: int
     method: EditMethod
     generator: torch.Generator
+    training: Any = None
 
     @property
     def adapter(self) -> BackboneAdapter:

@@ -29,6 +29,8 @@ from torch import Tensor
 from conceptedit.errors import EditError, SingularSystemError
 
 TargetFn = Callable[[str, Tensor], Tensor]
+#: Smallest pivot ratio accepted by the Cholesky factorisation before a system counts as singular.
+RCOND = 1e-12
 
 
 @dataclass
@@ -115,8 +117,11 @@ class KVSolver:
         self._weighted_keys = keys * weights[:, None]
         lhs = keys.T @ self._weighted_keys + keep  # B (symmetric)
         chol, info = torch.linalg.cholesky_ex(lhs)
-        if info.item() != 0:
-            rank = int(torch.linalg.matrix_rank(lhs).item())
+        pivots = chol.diagonal() ** 2 if info.item() == 0 else None
+        # Positive but vanishing pivots mean directions no key or preserve term pins down; solving
+        # anyway would blow rounding noise in those directions up into huge weights.
+        if pivots is None or pivots.min() <= RCOND * pivots.max():
+            rank = int(torch.linalg.matrix_rank(lhs, rtol=RCOND**0.5).item())
             raise SingularSystemError(
                 f"{edit.label}: the {dim}x{dim} system is singular (rank {rank}); "
                 f"{keys.shape[0]} key rows cannot pin down every direction. Add preservation "

@@ -9,6 +9,7 @@ becomes the run folder in one rename. A run that fails leaves nothing that looks
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -156,6 +157,7 @@ def apply(
         host=host,
         run_dir=staging,
         reporter=Reporter(quiet=quiet),
+        base_fingerprint=hashlib.sha256(json.dumps(base.describe(), sort_keys=True).encode()).hexdigest(),
     )
     started = _now()
     try:
@@ -275,6 +277,8 @@ def _execute(
     trainers = [ctx for ctx in contexts if ctx.method.kind == "training"]
     if trainers:
         config = item.training if isinstance(item, GroupBase) else trainers[0].edit.training
+        for ctx in trainers:
+            ctx.training = config
         report = train(
             [Member(ctx, ctx.method, float(ctx.edit.weight)) for ctx in trainers],
             config,

@@ -130,6 +130,15 @@ def build_components(configs: ComponentConfigs, seed: int = 0,
         unet = UNet2DConditionModel(**configs["unet"])
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        # A freshly initialised final LayerNorm (scale 1, shift 0) puts every embedding on the
+        # hyperplane where its features sum to zero, a degeneracy no trained CLIP has and one that
+        # makes closed-form edits singular. Random affine parameters remove it, as training does.
+        norm = text_encoder.get_submodule("final_layer_norm") if hasattr(text_encoder, "final_layer_norm") \
+            else text_encoder.text_model.final_layer_norm
+        if device != "meta":
+            with torch.no_grad():
+                norm.weight.normal_(1.0, 0.2)
+                norm.bias.normal_(0.0, 0.2)
         torch.manual_seed(seed)
         vae = AutoencoderKL(**configs["vae"])
     return {"unet": unet, "text_encoder": text_encoder, "vae": vae}

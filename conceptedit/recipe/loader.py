@@ -8,6 +8,7 @@ where one exists, a did-you-mean.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -62,7 +63,7 @@ def load_recipe(
     else:
         source = Path(recipe)
         if not source.is_file():
-            raise RecipeError(str(source), [RecipeIssue("", "recipe file not found", suggestion="check the path")])
+            raise RecipeError(str(source), [_missing_file_issue(source)])
         text = source.read_text(encoding="utf-8")
         base_dir = source.resolve().parent
         data, lines = _parse_yaml(text, str(source))
@@ -75,15 +76,16 @@ def load_recipe(
         if issue is not None:
             issues.append(issue)
     issues.extend(_load_recipe_plugins(data, base_dir, host, lines))
+    issues.extend(_check_model_id(data, lines))
     schema = schema_for(host)
     try:
         model = schema.model.model_validate(data)
     except ValidationError as exc:
         issues.extend(_convert_errors(exc, schema, lines))
-        raise RecipeError(label, issues) from None
+        raise RecipeError(label, _mark_overridden(issues, overrides)) from None
     issues.extend(_cross_checks(model, schema, base_dir, host, lines))
     if issues:
-        raise RecipeError(label, issues)
+        raise RecipeError(label, _mark_overridden(issues, overrides))
     loaded = LoadedRecipe(model, source, text, base_dir, overrides, host)
     host.pm.hook.conceptedit_recipe_loaded(recipe=model, source=label)
     return loaded
@@ -92,6 +94,27 @@ def load_recipe(
 def schema_for(host: PluginHost) -> RecipeSchema:
     """The recipe schema for the methods ``host`` has registered."""
     return RecipeSchema(host.registry.methods)
+
+
+def _missing_file_issue(source: Path) -> RecipeIssue:
+    """The recipe file does not exist: suggest a similarly named recipe next to where it was looked for."""
+    folder = source.parent if source.parent.is_dir() else None
+    candidates = {p.stem: p.name for p in folder.iterdir() if p.suffix in (".yaml", ".yml")} if folder else {}
+    close = get_close_matches(source.stem, list(candidates), n=1, cutoff=0.7)
+    hint = f"did you mean {str(source.with_name(candidates[close[0]]))!r}?" if close else "check the path"
+    return RecipeIssue("", f"recipe file not found (looked for {source.resolve()})", suggestion=hint)
+
+
+def _mark_overridden(issues: list[RecipeIssue], overrides: list[str]) -> list[RecipeIssue]:
+    """Point issues about overridden values at the command line instead of the file's line."""
+    given = {item.partition("=")[0].strip(): item for item in overrides if "=" in item}
+    for issue in issues:
+        for path, item in given.items():
+            if path and (issue.path == path or issue.path.startswith(path + ".")) and "--set" not in issue.message:
+                issue.line = None
+                issue.message += f" (value given on the command line: {item})"
+                break
+    return issues
 
 
 # --------------------------------------------------------------------------- YAML with lines
@@ -140,7 +163,8 @@ def _parse_yaml(text: str, label: str) -> tuple[Any, _LineIndex]:
     except yaml.YAMLError as exc:
         raise RecipeError(label, [RecipeIssue("", f"invalid YAML: {exc}")]) from None
     if data is None:
-        raise RecipeError(label, [RecipeIssue("", "the recipe is empty", suggestion="see recipes/ for examples")])
+        hint = "a recipe needs `schema_version: 1`, `model:` and `edits:`"
+        raise RecipeError(label, [RecipeIssue("", "the recipe is empty", suggestion=hint)])
     return data, _LineIndex(root)
 
 
@@ -152,7 +176,8 @@ def apply_override(data: dict[str, Any], item: str) -> RecipeIssue | None:
     path, sep, raw = item.partition("=")
     path = path.strip()
     if not sep or not path:
-        return RecipeIssue(item, "override must look like path.to.key=value", suggestion="e.g. edits.0.params.lr=1e-5")
+        message = f"--set {item}: an override must look like path.to.key=value"
+        return RecipeIssue(item, message, suggestion="e.g. edits.0.params.eta=1e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -163,22 +188,89 @@ def apply_override(data: dict[str, Any], item: str) -> RecipeIssue | None:
         walked = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                return RecipeIssue(walked, f"--set: no list item {part!r} (the list has {len(node)})")
+                return RecipeIssue(walked, f"--set {item}: no list item {part!r}", suggestion=_index_hint(node))
             node = node[int(part)]
         elif isinstance(node, dict):
+            if depth == 0 and part == "model" and isinstance(node.get(part), str):
+                node[part] = {"id": node[part]}  # `model: NAME` is shorthand for `model: {id: NAME}`
             node = node.setdefault(part, {})
         else:
-            return RecipeIssue(walked, f"--set: {walked!r} is a value, not a mapping or list")
+            return RecipeIssue(
+                walked, f"--set {item}: {walked!r} is a value, not a mapping or list", suggestion="check the path"
+            )
     last = parts[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            return RecipeIssue(path, f"--set: no list item {last!r} (the list has {len(node)})")
+            return RecipeIssue(path, f"--set {item}: no list item {last!r}", suggestion=_index_hint(node))
         node[int(last)] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
-        return RecipeIssue(path, "--set: parent is a value, not a mapping or list")
+        return RecipeIssue(path, f"--set {item}: parent is a value, not a mapping or list", suggestion="check the path")
     return None
+
+
+def _index_hint(items: list[Any]) -> str:
+    if not items:
+        return "the list is empty"
+    return f"the list has {len(items)} item(s): use an index from 0 to {len(items) - 1}"
+
+
+# --------------------------------------------------------------------------- model id
+
+
+def _check_model_id(data: dict[str, Any], lines: _LineIndex) -> list[RecipeIssue]:
+    """Catch model ids that cannot load without loading anything: the same decisions as ``load_model``."""
+    from conceptedit.models.builtin import BUILTIN_MODELS
+    from conceptedit.models.loading import BUILTIN_PREFIX, WEIGHT_SUFFIXES, _looks_like_path
+
+    spec = data.get("model")
+    model_id = spec.get("id") if isinstance(spec, dict) else spec
+    if not isinstance(model_id, str) or not model_id.strip():
+        return []  # missing, empty or mistyped: the schema reports it
+    path = "model.id"
+    line = lines.line(path)
+    if model_id.startswith(BUILTIN_PREFIX):
+        name = model_id[len(BUILTIN_PREFIX) :]
+        if name in BUILTIN_MODELS:
+            return []
+        known = [BUILTIN_PREFIX + n for n in BUILTIN_MODELS]
+        close = get_close_matches(model_id, known, n=1)
+        hint = (f"did you mean {close[0]!r}? " if close else "") + "built-ins: " + ", ".join(known)
+        return [RecipeIssue(path, f"unknown built-in model {model_id!r}", line, hint)]
+    target = Path(model_id).expanduser()
+    if target.suffix in WEIGHT_SUFFIXES:
+        if target.suffix != ".safetensors":
+            return [
+                RecipeIssue(
+                    path,
+                    f"{model_id!r}: only .safetensors checkpoints are loaded ({target.suffix} files are pickles, "
+                    "which can run arbitrary code when loaded)",
+                    line,
+                    "convert the checkpoint to .safetensors, or give a diffusers folder",
+                )
+            ]
+        if not target.is_file():
+            return [
+                RecipeIssue(
+                    path,
+                    f"checkpoint file {model_id!r} does not exist (looked for {target.resolve()})",
+                    line,
+                    "model paths are relative to the current folder",
+                )
+            ]
+        return []
+    if _looks_like_path(model_id) and not target.is_dir():
+        return [
+            RecipeIssue(
+                path,
+                f"model folder {model_id!r} does not exist (looked for {target.resolve()})",
+                line,
+                "give a diffusers folder (with model_index.json), a .safetensors file, a hub id "
+                "(owner/name) or builtin:tiny-sd; model paths are relative to the current folder",
+            )
+        ]
+    return []
 
 
 # --------------------------------------------------------------------------- plugins
@@ -212,12 +304,21 @@ def _load_recipe_plugins(
 
 
 def _convert_errors(exc: ValidationError, schema: RecipeSchema, lines: _LineIndex) -> list[RecipeIssue]:
+    errors = exc.errors()
+    # unknown keys per parent, so a missing key can point at its misspelling
+    extra: dict[tuple[Any, ...], list[str]] = {}
+    for err in errors:
+        if err["type"] == "extra_forbidden":
+            loc = _strip_tags(err["loc"], schema)
+            extra.setdefault(loc[:-1], []).append(str(loc[-1]))
     issues = []
-    for err in exc.errors():
+    for err in errors:
         loc = _strip_tags(err["loc"], schema)
         path = ".".join(str(part) for part in loc)
         kind = err["type"]
-        message = err["msg"]
+        message = err["msg"].removeprefix("Value error, ")
+        ctx = err.get("ctx") or {}
+        given = err.get("input")
         suggestion = None
         if kind == "extra_forbidden":
             key = str(loc[-1])
@@ -229,29 +330,89 @@ def _convert_errors(exc: ValidationError, schema: RecipeSchema, lines: _LineInde
             elif allowed:
                 suggestion = "allowed keys: " + ", ".join(allowed)
         elif kind == "unknown_method":
-            given = _tag_value(err.get("input"))
-            known = [t for t in schema.tag_models if t != "group"]
-            if given is None:
-                message = "each edit needs a `method:` key (or `group:` for a training group)"
-                suggestion = "methods installed: " + ", ".join(known)
-            else:
-                message = f"unknown edit method {given!r}"
-                close = get_close_matches(str(given), known, n=1, cutoff=0.5)
-                suggestion = (f"did you mean {close[0]!r}? " if close else "") + "installed: " + ", ".join(known)
-                suggestion += "; `conceptedit plugins` lists what failed to load"
+            message, suggestion = _unknown_method(given, ctx, schema)
         elif kind == "missing":
-            message = f"required key {loc[-1]!r} is missing"
-            if path == "schema_version":
-                suggestion = "add `schema_version: 1`"
+            key = str(loc[-1])
+            message = f"required key {key!r} is missing"
+            suggestion = _MISSING_HINTS.get(path)
+            close = get_close_matches(key, extra.get(loc[:-1], []), n=1, cutoff=0.5)
+            if close:
+                where = lines.line(".".join(str(part) for part in (*loc[:-1], close[0])))
+                at = f" (line {where})" if where else ""
+                suggestion = f"rename {close[0]!r}{at} to {key!r}"
         elif kind == "literal_error" and path == "schema_version":
-            suggestion = "this conceptedit reads schema_version 1"
+            message += f", got {given!r}"
+            suggestion = "this conceptedit reads schema_version 1; write `schema_version: 1`"
+        elif kind == "literal_error":
+            options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+            message += f", got {given!r}"
+            close = get_close_matches(str(given), options, n=1, cutoff=0.8)
+            if close:
+                suggestion = f"did you mean {close[0]!r}?"
         elif kind == "string_pattern_mismatch" and path == "device":
-            message = f"invalid device {err.get('input')!r}"
+            message = f"invalid device {given!r}"
             suggestion = "use auto, cpu, cuda, cuda:N or mps"
-        elif kind in ("greater_than", "greater_than_equal"):
-            suggestion = "use a positive number" if kind == "greater_than" else "use a number >= the bound"
+        elif kind in _BOUNDS:
+            bound = next(iter(ctx.values()), None)
+            message += f", got {given!r}"
+            suggestion = f"use a value {_BOUNDS[kind]} {bound}"
+        elif kind == "too_short" and len(loc) == 3 and loc[0] == "edits" and loc[2] == "edits":
+            suggestion = "a group trains 2 or more training edits together; list a single edit directly under `edits:`"
+        elif kind == "too_short" and path == "edits":
+            suggestion = "add at least one `- method: NAME`; `conceptedit methods` lists them"
+        else:
+            if _is_scalar(given) and kind not in ("value_error", "assertion_error"):
+                message += f", got {given!r}"
+            suggestion = _TYPE_HINTS.get(kind)
+            if kind == "list_type" and _is_scalar(given):
+                suggestion = f"write a YAML list, e.g. [{given}]"
         issues.append(RecipeIssue(path, message, lines.line(path), suggestion))
     return issues
+
+
+_MISSING_HINTS = {
+    "schema_version": "add `schema_version: 1`",
+    "model": "add `model: builtin:tiny-sd`, a hub id, a diffusers folder or a .safetensors file",
+    "edits": "add `edits:` with at least one `- method: NAME`; `conceptedit methods` lists them",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_TYPE_HINTS = {
+    "int_parsing": "write a whole number, e.g. 0",
+    "int_type": "write a whole number, e.g. 0",
+    "int_from_float": "write a whole number, e.g. 0",
+    "float_parsing": "write a number, e.g. 1e-4",
+    "float_type": "write a number, e.g. 1e-4",
+    "bool_parsing": "write true or false",
+    "bool_type": "write true or false",
+    "string_type": "write a string (quote it if YAML reads it as something else)",
+    "dict_type": "write a mapping of key: value lines",
+    "model_type": "write a mapping of key: value lines",
+    "model_attributes_type": "write a mapping of key: value lines",
+}
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) or value is None
+
+
+def _unknown_method(given: Any, ctx: dict[str, Any], schema: RecipeSchema) -> tuple[str, str]:
+    """Message and suggestion for an edit whose ``method:`` is missing, unknown, or not allowed where it is."""
+    allowed = [t for t in str(ctx.get("known", "")).split(", ") if t and t != "group"]
+    name = _tag_value(given)
+    if name is None:
+        return (
+            "each edit needs a `method:` key (or `group:` for a training group)",
+            "methods installed: " + ", ".join(allowed),
+        )
+    cls = schema.methods.get(str(name))
+    if cls is not None and name not in allowed:
+        return (
+            f"method {name!r} is {cls.kind}; a training group holds only training methods",
+            "move it out of the group, before or after it; training methods: " + ", ".join(allowed),
+        )
+    close = get_close_matches(str(name), allowed, n=1, cutoff=0.5)
+    suggestion = (f"did you mean {close[0]!r}? " if close else "") + "installed: " + ", ".join(allowed)
+    return f"unknown edit method {name!r}", suggestion + "; `conceptedit plugins` lists what failed to load"
 
 
 def _tag_value(value: Any) -> Any:

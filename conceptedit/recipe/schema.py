@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from copy import copy
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -67,6 +69,14 @@ class ModelSpec(Strict):
         return value
 
 
+def _one_slot(template: str) -> str:
+    if template.count("{}") != 1:
+        raise ValueError(
+            f"template {template!r} must contain `{{}}` exactly once, where the concept goes (e.g. 'a photo of {{}}')"
+        )
+    return template
+
+
 class ConceptSet(Strict):
     """Prompts to edit: concepts (optionally paired with targets) expanded through templates.
 
@@ -78,7 +88,9 @@ class ConceptSet(Strict):
     concepts: list[str] | None = Field(None, description="Concepts; each maps to `target`.")
     file: str | None = Field(None, description="Path (relative to the recipe) of a concept file.")
     target: str = Field("", description='Target for entries that give none ("" = unconditional).')
-    templates: list[str] = Field(["{}"], min_length=1, description="Prompt templates, each with one `{}`.")
+    templates: list[Annotated[str, AfterValidator(_one_slot)]] = Field(
+        ["{}"], min_length=1, description="Prompt templates, each with one `{}`."
+    )
     limit: PositiveInt | None = Field(None, description="Use only the first N entries of the list.")
 
     @model_validator(mode="after")
@@ -92,14 +104,6 @@ class ConceptSet(Strict):
             if getattr(self, source) == []:
                 raise ValueError(f"`{source}` is empty")
         return self
-
-    @field_validator("templates")
-    @classmethod
-    def _templates_have_slot(cls, value: list[str]) -> list[str]:
-        for template in value:
-            if template.count("{}") != 1:
-                raise ValueError(f"template {template!r} must contain `{{}}` exactly once")
-        return value
 
 
 class OutputSpec(Strict):
@@ -187,10 +191,33 @@ def _edit_model(cls: type[EditMethod]) -> type[EditBase]:
         "params": (cls.Params, Field(default_factory=cls.Params, description=f"Parameters of {cls.name}.")),
     }
     if cls.kind == "training":
-        fields["training"] = (cls.Training, Field(default_factory=cls.Training, description="Training loop."))
+        training = _constrained_training(cls.Training)
+        fields["training"] = (training, Field(default_factory=training, description="Training loop."))
     model = create_model(f"Edit_{cls.name}", __base__=EditBase, **fields)
     model.method_cls = cls
     model.__doc__ = f"{cls.name}: {cls.summary}"
+    return model
+
+
+def _constrained_training(training: type[TrainingConfig]) -> type[TrainingConfig]:
+    """``training`` with TrainingConfig's bounds put back on fields a subclass re-declared as a plain type.
+
+    ``steps: int = 4`` in a subclass replaces the base's ``PositiveInt`` field whole, so without
+    this ``steps: 0`` or ``lr: -1`` would pass validation and fail (or do nothing) mid-run.
+    """
+    restored: dict[str, Any] = {}
+    for name, base in TrainingConfig.model_fields.items():
+        field = training.model_fields.get(name)
+        if field is None or field.metadata or not base.metadata or field.annotation != base.annotation:
+            continue
+        info = copy(field)
+        info.metadata = [*base.metadata]
+        info.description = field.description or base.description
+        restored[name] = (field.annotation, info)
+    if not restored:
+        return training
+    model = create_model(training.__name__, __base__=training, __module__=training.__module__, **restored)
+    model.__doc__ = training.__doc__
     return model
 
 

@@ -1,0 +1,157 @@
+"""TRCE stage 2 (``trce_steer``): contrastive steering of early denoising predictions.
+
+Chen et al., "TRCE", ICCV 2025 (arXiv 2503.07389). On latents from the original model's own
+sampling runs on malicious prompts (early steps only, t ≥ 480 of 1000), the model being
+trained is pushed toward the original model's *safe* guided prediction and away from its
+*unsafe* one, with a hinge:
+
+    f_safe   = ε(x,t,c_s) + g (ε(x,t,c_s) − ε(x,t,∅))        ε: the original model
+    f_unsafe = ε(x,t,c_m) + g (ε(x,t,c_m) − ε(x,t,∅))
+    L_erase  = mean over a ∈ {ε_θ(x,t,c_m), ε_θ(x,t,∅)} of max(0, MSE(a, f_safe) − MSE(a, f_unsafe) + margin)
+    L        = L_erase + λ · MSE(ε_θ(x',t',∅), ε_stage1(x',t',∅))   x' from unconditional runs
+
+Lean by construction: the original and stage-1 references are the one resident UNet with
+the few tensors they differ in swapped in (``ctx.reference_weights``), not extra copies.
+
+Differences from the reference code, on purpose (docs/methods/trce.md): gradients are zeroed
+every step (the reference never zeroes them; ``training.zero_grad: false`` reproduces that),
+and every cached latent is paired with its own timestep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from torch import Tensor
+
+from conceptedit import ConceptRef, EditContext, EditMethod, MethodParams, TrainingConfig, hookimpl
+from conceptedit.engine.context import derive_seed
+from conceptedit.engine.selectors import select_parameters
+from conceptedit.engine.trajectories import TrajectoryRequest, ddim_timesteps, sample_trajectories
+
+
+class TrceSteerParams(MethodParams):
+    concepts: ConceptRef = Field(description="Concept set of [malicious, safe] pairs (bare concepts are used).")
+    prompt_template: str = Field("a photo of {}", description="Trajectory prompt for each concept and its safe twin.")
+    trajectories_per_concept: PositiveInt = Field(5, description="Sampling runs per malicious concept.")
+    trajectory_guidance: PositiveFloat = Field(3.0, description="CFG scale of the malicious sampling runs.")
+    sampling_steps: PositiveInt = Field(50, description="DDIM (η=0) steps of a sampling run.")
+    min_timestep: int = Field(480, ge=0, lt=1000, description="Early steps only: timesteps t ≥ this (of 1000).")
+    unconditional_trajectories: PositiveInt = Field(2000, description="Unconditional runs for the regulariser.")
+    regularization_batch: PositiveInt = Field(4, description="Unconditional latents per step.")
+    guidance: NonNegativeFloat = Field(15.0, description="g in f_safe/f_unsafe (β = g + 1 in the paper's notation).")
+    margin: NonNegativeFloat = Field(0.01, description="Hinge margin δ.")
+    preserve_weight: NonNegativeFloat = Field(100.0, description="λ on the unconditional regulariser.")
+    trainable: list[str] = Field(["attn1.", "attn2.to_q."], min_length=1,
+                                 description="UNet parameter-name substrings to train (TRCE: attn1.* + attn2.to_q).")
+
+
+class TrceSteerTraining(TrainingConfig):
+    steps: int = Field(300, gt=0, description="Optimiser steps (TRCE: 3 epochs over 100 trajectories).")
+    lr: float = Field(1e-6, gt=0, description="Learning rate (TRCE: 1e-6).")
+
+
+class TrceSteer(EditMethod):
+    """TRCE stage 2: hinge loss on early denoising predictions, one resident UNet."""
+
+    name = "trce_steer"
+    summary = "TRCE stage 2: contrastive steering of early denoising predictions (trajectory loss)"
+    kind = "training"
+    paper = "Chen et al., TRCE, ICCV 2025, arXiv:2503.07389"
+    Params = TrceSteerParams
+    Training = TrceSteerTraining
+
+    def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:
+        p: TrceSteerParams = self.params  # type: ignore[assignment]
+        return select_parameters(ctx.adapter, p.trainable)
+
+    def prepare_training(self, ctx: EditContext) -> None:
+        p: TrceSteerParams = self.params  # type: ignore[assignment]
+        pairs = list(dict.fromkeys((x.concept, x.target_concept) for x in ctx.concept_pairs(p.concepts)))
+        fill = p.prompt_template.replace
+        enc = ctx.encode_prompts([fill("{}", m) for m, _ in pairs] + [fill("{}", s) for _, s in pairs] + [""])
+        n = len(pairs)
+        self.malicious, self.safe, self.empty = enc.hidden[:n], enc.hidden[n : 2 * n], enc.hidden[2 * n :]
+
+        timesteps = ddim_timesteps(ctx, p.sampling_steps)
+        early = int((timesteps >= p.min_timestep).sum())
+        if early == 0:
+            raise ValueError(f"no DDIM step has t >= {p.min_timestep}")
+        # Draw the whole training schedule now, so only the latents it reads are ever sampled.
+        self._accum = int(ctx.training.grad_accum)
+        draws = ctx.training.steps * self._accum
+        runs = n * p.trajectories_per_concept
+        g = ctx.generator
+        self.mal_plan = list(zip(torch.randint(0, runs, (draws,), generator=g).tolist(),
+                                 torch.randint(0, early, (draws,), generator=g).tolist(), strict=True))
+        self.reg_plan = torch.stack([
+            torch.randint(0, p.unconditional_trajectories, (draws, p.regularization_batch), generator=g),
+            torch.randint(0, p.sampling_steps, (draws, p.regularization_batch), generator=g),
+        ], dim=-1).tolist()
+        seeds = [derive_seed(ctx.run.seed, ctx.index, "trce_steer", "malicious", j) for j in range(runs)]
+        needed: dict[int, set[int]] = {}
+        for j, k in self.mal_plan:
+            needed.setdefault(j, set()).add(k)
+        self.mal = sample_trajectories(ctx, TrajectoryRequest(
+            prompts=[fill("{}", pairs[j // p.trajectories_per_concept][0]) for j in range(runs)],
+            seeds=seeds, needed={j: sorted(v) for j, v in needed.items()},
+            guidance=p.trajectory_guidance, steps=p.sampling_steps, weights="base",
+        ), "malicious")
+        needed = {}
+        for row in self.reg_plan:
+            for u, k in row:
+                needed.setdefault(u, set()).add(k)
+        seeds = [derive_seed(ctx.run.seed, ctx.index, "trce_steer", "unconditional", u)
+                 for u in range(p.unconditional_trajectories)]
+        self.reg = sample_trajectories(ctx, TrajectoryRequest(
+            prompts=[""] * p.unconditional_trajectories, seeds=seeds, needed={u: sorted(v) for u, v in needed.items()},
+            guidance=1.0, steps=p.sampling_steps, weights="base",
+        ), "unconditional")
+        self.mal_at, self.reg_at = self.mal.lookup(), self.reg.lookup()
+        self._calls = (0, 0)
+
+    def _draw_index(self, step: int) -> int:
+        last_step, micro = self._calls
+        micro = micro + 1 if step == last_step else 0
+        self._calls = (step, micro)
+        return (step - 1) * self._accum + micro
+
+    def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
+        p: TrceSteerParams = self.params  # type: ignore[assignment]
+        draw = self._draw_index(step)
+        j, k = self.mal_plan[draw]
+        row = self.mal_at[(j, k)]
+        x = self.mal.latents[row : row + 1].to(ctx.device, torch.float32)
+        t = self.mal.timesteps[row : row + 1].to(ctx.device)
+        pair = j // p.trajectories_per_concept
+        c_m, c_s, empty = self.malicious[pair : pair + 1], self.safe[pair : pair + 1], self.empty
+        reg_rows = [self.reg_at[(u, kk)] for u, kk in self.reg_plan[draw]]
+        xr = self.reg.latents[reg_rows].to(ctx.device, torch.float32)
+        tr = self.reg.timesteps[reg_rows].to(ctx.device)
+        r = len(reg_rows)
+
+        with torch.no_grad():
+            with ctx.reference_weights("base"):
+                e_m, e_s, e_0 = ctx.adapter.predict_noise(
+                    x.expand(3, -1, -1, -1), t.expand(3), torch.cat([c_m, c_s, empty])).float().chunk(3)
+            with ctx.reference_weights("edit_start"):
+                reg_target = ctx.adapter.predict_noise(xr, tr, empty.expand(r, -1, -1)).float()
+            f_safe = e_s + p.guidance * (e_s - e_0)
+            f_unsafe = e_m + p.guidance * (e_m - e_0)
+
+        pred = ctx.predict_noise(torch.cat([x, x, xr]), torch.cat([t, t, tr]),
+                                 torch.cat([c_m, empty, empty.expand(r, -1, -1)])).float()
+        anchors, reg_pred = pred[:2], pred[2:]
+        hinge = torch.stack([
+            F.relu(F.mse_loss(a, f_safe[0]) - F.mse_loss(a, f_unsafe[0]) + p.margin) for a in anchors
+        ]).mean()
+        preserve = F.mse_loss(reg_pred, reg_target)
+        return {"erase": hinge, "preserve": p.preserve_weight * preserve}
+
+
+@hookimpl
+def conceptedit_register_methods(register: Callable[[type[EditMethod]], None]) -> None:
+    register(TrceSteer)
