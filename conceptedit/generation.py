@@ -10,7 +10,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from conceptedit.engine.reload import load, read_manifest
+from conceptedit.models.backbone import resolve_backbone
 from conceptedit.models.loading import load_model
+from conceptedit.plugins import get_host
 
 
 @dataclass
@@ -47,19 +49,22 @@ def load_target(target: str, *, device: torch.device, dtype: str = "float32") ->
 
 @torch.no_grad()
 def generate(pipeline: Any, prompt: str, seed: int, sampling: Sampling, count: int = 1) -> list[Image.Image]:
-    """``count`` images for ``prompt``; image ``i`` uses seed ``seed + i`` on a CPU generator."""
+    """``count`` images for ``prompt``; image ``i`` uses seed ``seed + i`` on a CPU generator.
+
+    Prompts are encoded through the backbone adapter, so they get the same pinned text cleaning
+    as every edit (the pipeline's own tokenizer call would skip it).
+    """
+    adapter = resolve_backbone(pipeline, get_host().registry.backbones)
+    dtype = pipeline.unet.dtype
+    positive = adapter.encode_prompts([prompt]).hidden.to(dtype)
+    negative = adapter.encode_prompts([sampling.negative_prompt or ""]).hidden.to(dtype)
     images = []
     for i in range(count):
         generator = torch.Generator("cpu").manual_seed(seed + i)
         out = pipeline(
-            prompt,
-            num_inference_steps=sampling.steps,
-            guidance_scale=sampling.guidance,
-            height=sampling.height,
-            width=sampling.width,
-            negative_prompt=sampling.negative_prompt,
-            generator=generator,
-            output_type="pil",
+            prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance, height=sampling.height, width=sampling.width,
+            generator=generator, output_type="pil",
         )
         images.extend(out.images)
     return images

@@ -45,8 +45,10 @@ def conceptedit_register_methods(register: Callable[[type[EditMethod]], None]) -
     """Add edit methods.
 
     Call ``register(MethodClass)`` once per :class:`~conceptedit.EditMethod` subclass. The
-    class's ``name`` is what recipes write after ``method:``; two plugins registering the same
-    name is an error reported by ``conceptedit plugins``.
+    class's ``name`` is what recipes write after ``method:``. If two plugins register the same
+    name, the one registered later wins and ``conceptedit plugins`` warns, naming both. A
+    plugin whose hook raises (or registers something that is not a method class) is listed as
+    failed and switched off as a whole; other plugins are unaffected.
 
     Args:
         register: Adds one method class to the registry.

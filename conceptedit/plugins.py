@@ -316,7 +316,9 @@ def _env_list(name: str) -> list[str] | None:
 
 
 def _describe(exc: BaseException) -> str:
-    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    """``Type: message (file.py:line)``, pointing at the plugin's line rather than at this module."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != __file__]
+    frame = frames[-1] if frames else None
     where = f" ({Path(frame.filename).name}:{frame.lineno})" if frame else ""
     return f"{type(exc).__name__}: {exc}{where}"
 

@@ -225,16 +225,27 @@ def test_a_broken_distribution_is_recorded_listed_and_named_when_needed(
     assert applied.exit_code == 0, applied.output
     assert (tmp_path / "run" / "edit.safetensors").is_file()
 
-    # ... and one needing the broken plugin's method fails cleanly, naming the failed plugin
-    needs = write_recipe(tmp_path / "needs.yaml", {"method": "frob_erase"})
-    failed = run_cli("apply", str(needs), "--out", str(tmp_path / "run2"), "--quiet")
-    assert failed.exit_code == 2, failed.output
-    assert "Traceback" not in failed.output
-    assert "frob_erase" in failed.stderr
-    assert "frob (ModuleNotFoundError" in failed.stderr  # the plugin that would have provided it, and why
-    with pytest.raises(PluginError, match=r"frob \(ModuleNotFoundError"):
+
+def test_a_recipe_needing_a_failed_plugins_method_names_that_plugin(
+    module_factory: Callable[[str, str], str],
+    cli_host: Callable[[PluginHost], None],
+    run_cli: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    good = FakeDistribution("conceptedit-ridge", [entry_point("ridge", module_factory("ce_ok", method_module("ok")))])
+    broken = FakeDistribution("conceptedit-frob", [entry_point("frob", module_factory("ce_frob", BROKEN_MODULE))])
+    host = new_host(entry_points=False)
+    host.load_entry_points(distributions=[good, broken])
+    with pytest.raises(PluginError, match=r"no installed plugin provides edit method 'frob_erase'.*frob \(Module"):
         host.method("frob_erase")
-    assert not (tmp_path / "run2").exists()
+
+    cli_host(host)
+    needs = write_recipe(tmp_path / "needs.yaml", {"method": "frob_erase"})
+    failed = run_cli("apply", str(needs), "--out", str(tmp_path / "run"), "--quiet")
+    assert failed.exit_code == 2, failed.output
+    assert "Traceback" not in failed.output and not (tmp_path / "run").exists()
+    assert "unknown edit method 'frob_erase'" in failed.stderr
+    assert "frob (ModuleNotFoundError" in failed.stderr  # the plugin that may have provided it, and why
 
 
 # --------------------------------------------------------------------------- environment filters
@@ -474,6 +485,7 @@ def conceptedit_before_edit(index):
     assert set(host.registry.methods) == {"fine"}  # no exception, the other plugin works
     info = host.infos["bad"]
     assert info.error is not None and "conceptedit_register_methods raised" in info.error and complaint in info.error
+    assert info.error.endswith("(ce_bad.py:9)")  # the plugin's own line, where it went wrong
     assert host.failed() == [info] and info.hooks == []
     assert not host.pm.has_plugin("bad")  # its lifecycle hooks will not run either
     assert "bad (conceptedit_register_methods raised" in host.explain_missing_method("anything")
@@ -586,3 +598,12 @@ def test_example_plugin_params_forbid_unknown_keys_and_check_templates(monkeypat
     issues = {issue.path: issue for issue in caught.value.issues}
     assert issues["edits.0.params.templtes"].suggestion == "did you mean 'templates'?"
     assert "has no {} where the phrase goes" in issues["edits.1.params.templates"].message
+
+
+def test_a_host_without_methods_reports_it_instead_of_crashing() -> None:
+    from conceptedit.recipe.loader import load_recipe
+
+    host = new_host(entry_points=False)  # core plugins only: no edit method at all
+    with pytest.raises(RecipeError, match="no edit methods are installed") as caught:
+        load_recipe(tiny_recipe({"method": "trce_eot", "params": {}}), host=host)
+    assert [issue.path for issue in caught.value.issues] == ["edits.0"]

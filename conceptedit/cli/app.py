@@ -7,6 +7,7 @@ never a traceback; ``--json`` commands print machine-readable output on stdout o
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import re
 import sys
@@ -21,6 +22,17 @@ from rich.table import Table
 
 from conceptedit.errors import ConceptEditError, RecipeError
 from conceptedit.plugins import PluginHost, get_host
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    """transformers warns that image processors fall back to PIL without torchvision; conceptedit
+    never uses image processors, so the notice is noise on every command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
 
 app = typer.Typer(
     name="conceptedit",
@@ -178,7 +190,11 @@ def validate(
 
 
 def _edit_labels(recipe: Any) -> list[str]:
-    return [f"{item.label} ({getattr(item, 'method', 'group')})" for item in recipe.edits]
+    labels = []
+    for item in recipe.edits:
+        kind = getattr(item, "method", "group")
+        labels.append(item.label if item.label == kind else f"{item.label} ({kind})")
+    return labels
 
 
 @app.command("apply")

@@ -53,6 +53,7 @@ class RunContext:
         reporter: Progress bars.
         cache_dir: Where methods cache reusable intermediate results.
         base_fingerprint: Identifies the base model (its file hashes), for cache keys.
+        process_index: This process's rank when several train data-parallel, else None.
     """
 
     loaded: LoadedRecipe
@@ -65,6 +66,7 @@ class RunContext:
     reporter: Reporter
     cache_dir: Path = field(default_factory=default_cache_dir)
     base_fingerprint: str = ""
+    process_index: int | None = None
     training_modules: dict[str, nn.Module] = field(default_factory=dict)
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 
 from conceptedit.engine.attention import apply_kv_edit
@@ -146,8 +148,14 @@ def apply(
     if dry_run:
         return RunResult(None, base.pipeline, [], [], {"plan": str(the_plan.run_dir), "backbone": adapter.family})
 
+    # Under `accelerate launch` / torchrun every process runs the edits (training is data
+    # parallel); only the main process writes the run folder, the others use a scratch folder.
+    state = PartialState(cpu=the_plan.device.type == "cpu")
     staging = the_plan.run_dir.with_name(the_plan.run_dir.name + ".partial")
-    _prepare_staging(staging, loaded, resume)
+    if state.is_main_process:
+        _prepare_staging(staging, loaded, resume)
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f"conceptedit-rank{state.process_index}-"))
     run = RunContext(
         loaded=loaded,
         pipeline=base.pipeline,
@@ -156,39 +164,20 @@ def apply(
         ledger=WeightLedger(adapter),
         host=host,
         run_dir=staging,
-        reporter=Reporter(quiet=quiet),
+        reporter=Reporter(quiet=quiet or not state.is_main_process),
         base_fingerprint=hashlib.sha256(json.dumps(base.describe(), sort_keys=True).encode()).hexdigest(),
+        process_index=state.process_index if state.num_processes > 1 else None,
     )
     started = _now()
     try:
         outcomes = [_run_item(run, index, item, resume) for index, item in enumerate(recipe_model.edits)]
         changed = run.ledger.changed()
-        base_info = base.describe()
-        save_edit(
-            staging / EDIT_FILE,
-            changed,
-            recipe=_resolved(loaded),
-            base_model=base_info,
-            base_digests=run.ledger.base_digests(changed),
-        )
-        exporters = host.registry.exporters
-        for fmt in recipe_model.output.formats:
-            exporters[fmt].export(base.pipeline, staging)
-        shutil.rmtree(staging / "checkpoints", ignore_errors=True)
-        manifest = build_manifest(
-            host=host,
-            base_model=base_info,
-            seed=recipe_model.seed,
-            device=the_plan.device,
-            dtype=recipe_model.dtype,
-            edits=[o.as_dict() for o in outcomes],
-            changed={name: list(t.shape) for name, t in changed.items()},
-            recipe_source=str(loaded.source) if loaded.source else None,
-            started=started,
-            finished=_now(),
-        )
-        atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        publish_dir(staging, the_plan.run_dir, overwrite=recipe_model.output.overwrite or resume)
+        manifest = _write_run(run, base, outcomes, changed, started) if state.is_main_process else {}
+        state.wait_for_everyone()
+        if state.is_main_process:
+            publish_dir(staging, the_plan.run_dir, overwrite=recipe_model.output.overwrite or resume)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         if not any((staging / "checkpoints").glob("*/step-*")):
             shutil.rmtree(staging, ignore_errors=True)
@@ -196,6 +185,27 @@ def apply(
     result = RunResult(the_plan.run_dir, base.pipeline, outcomes, sorted(changed), manifest)
     host.pm.hook.conceptedit_after_run(ctx=run, result=result)
     return result
+
+
+def _write_run(run: RunContext, base: LoadedModel, outcomes: list[EditOutcome], changed: dict[str, torch.Tensor],
+               started: str) -> dict[str, Any]:
+    """Write the edit file, the exporters' formats and (last) the manifest into the staging folder."""
+    loaded, recipe = run.loaded, run.loaded.recipe
+    staging = run.run_dir
+    base_info = base.describe()
+    save_edit(staging / EDIT_FILE, changed, recipe=_resolved(loaded), base_model=base_info,
+              base_digests=run.ledger.base_digests(changed))
+    exporters = run.host.registry.exporters
+    for fmt in recipe.output.formats:
+        exporters[fmt].export(base.pipeline, staging)
+    shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+    manifest = build_manifest(
+        host=run.host, base_model=base_info, seed=recipe.seed, device=run.device, dtype=recipe.dtype,
+        edits=[o.as_dict() for o in outcomes], changed={name: list(t.shape) for name, t in changed.items()},
+        recipe_source=str(loaded.source) if loaded.source else None, started=started, finished=_now(),
+    )
+    atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
 
 
 def _check_backbones(loaded: LoadedRecipe, adapter: BackboneAdapter) -> None:
@@ -268,7 +278,8 @@ def _execute(
     changed: list[str] = []
     for k, spec in enumerate(members):
         method = spec.build()
-        generator = torch.Generator().manual_seed(derive_seed(run.seed, index, k))
+        parts = (index, k) if run.process_index is None else (index, k, "process", run.process_index)
+        generator = torch.Generator().manual_seed(derive_seed(run.seed, *parts))
         ctx = EditContext(run=run, edit=spec, index=index, method=method, generator=generator)
         for kv_edit in method.attention_edits(ctx):
             changed += apply_kv_edit(ctx, kv_edit)

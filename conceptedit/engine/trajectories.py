@@ -67,7 +67,7 @@ def ddim_timesteps(ctx: EditContext, steps: int) -> Tensor:
     return _scheduler(ctx, steps).timesteps.clone()
 
 
-def _scheduler(ctx: EditContext, steps: int):  # noqa: ANN202 - diffusers type
+def _scheduler(ctx: EditContext, steps: int):
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(ctx.adapter.pipeline.scheduler.config, clip_sample=False,

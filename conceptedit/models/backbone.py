@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from conceptedit.engine.encoding import PromptEncoding, first_eot_index
 from conceptedit.errors import BackboneError, EditError
-from conceptedit.models.tokenizer import clean_prompt
+from conceptedit.models.tokenizer import clean_prompt, tokenize
 
 
 @dataclass(frozen=True)
@@ -173,15 +173,7 @@ class StableDiffusionAdapter(BackboneAdapter):
 
     def tokenize(self, prompts: Sequence[str], length: Literal["full", "longest"] = "full") -> Tensor:
         """Token ids of cleaned prompts, padded to 77 (``full``) or to the longest prompt."""
-        tok = self.tokenizer
-        out = tok(
-            [clean_prompt(p) for p in prompts],
-            padding="max_length" if length == "full" else "longest",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return out.input_ids
+        return tokenize(self.tokenizer, prompts, pad_to="max_length" if length == "full" else "longest")
 
     def token_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(clean_prompt(text), add_special_tokens=False).input_ids)

@@ -17,7 +17,7 @@ import html
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import ftfy
 
@@ -43,12 +43,14 @@ def clean_prompt(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str], max_length: int | None = None) -> torch.LongTensor:
-    """Token ids of cleaned prompts, truncated and padded to ``max_length`` (default: the model's 77)."""
+def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str], max_length: int | None = None,
+             pad_to: Literal["max_length", "longest"] = "max_length") -> torch.LongTensor:
+    """Token ids of cleaned prompts, truncated to ``max_length`` (default: the model's 77) and padded
+    to it (``max_length``) or only to the longest prompt (``longest``)."""
     length = tokenizer.model_max_length if max_length is None else max_length
     encoded = tokenizer(
         [clean_prompt(p) for p in prompts],
-        padding="max_length",
+        padding=pad_to,
         truncation=True,
         max_length=length,
         return_tensors="pt",

@@ -64,13 +64,21 @@ def load_recipe(
         source = Path(recipe)
         if not source.is_file():
             raise RecipeError(str(source), [_missing_file_issue(source)])
-        text = source.read_text(encoding="utf-8")
+        try:
+            text = source.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            issue = RecipeIssue("", f"not UTF-8 text (byte {exc.start})", suggestion="save the recipe as UTF-8 YAML")
+            raise RecipeError(str(source), [issue]) from None
         base_dir = source.resolve().parent
         data, lines = _parse_yaml(text, str(source))
     label = str(source) if source else None
-    issues: list[RecipeIssue] = []
+    issues: list[RecipeIssue] = list(lines.duplicates)
     if not isinstance(data, dict):
-        raise RecipeError(label, [RecipeIssue("", "a recipe must be a YAML mapping (key: value lines)", line=1)])
+        kind = "list" if isinstance(data, list) else f"single value ({str(data)[:40]!r})"
+        issue = RecipeIssue(
+            "", f"a recipe must be a YAML mapping (key: value lines), not a {kind}", 1, "start with `schema_version: 1`"
+        )
+        raise RecipeError(label, [*issues, issue])
     for item in overrides:
         issue = apply_override(data, item)
         if issue is not None:
@@ -81,7 +89,7 @@ def load_recipe(
     try:
         model = schema.model.model_validate(data)
     except ValidationError as exc:
-        issues.extend(_convert_errors(exc, schema, lines))
+        issues.extend(_convert_errors(exc, schema, lines, host))
         raise RecipeError(label, _mark_overridden(issues, overrides)) from None
     issues.extend(_cross_checks(model, schema, base_dir, host, lines))
     if issues:
@@ -125,15 +133,29 @@ class _LineIndex:
 
     def __init__(self, root: yaml.Node | None) -> None:
         self.lines: dict[str, int] = {}
+        #: Keys given twice in one mapping (YAML loaders silently keep the last one).
+        self.duplicates: list[RecipeIssue] = []
         if root is not None:
             self._walk(root, "")
 
     def _walk(self, node: yaml.Node, path: str) -> None:
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for key, value in node.value:
                 child = f"{path}.{key.value}" if path else str(key.value)
-                self.lines[child] = key.start_mark.line + 1
+                line = key.start_mark.line + 1
+                if key.value in seen:
+                    self.duplicates.append(
+                        RecipeIssue(
+                            child,
+                            f"key {key.value!r} is given twice (lines {seen[key.value]} and {line})",
+                            line,
+                            "keep one of them; YAML would silently use the last",
+                        )
+                    )
+                seen.setdefault(key.value, line)
+                self.lines[child] = line
                 self._walk(value, child)
         elif isinstance(node, yaml.SequenceNode):
             for i, value in enumerate(node.value):
@@ -155,11 +177,14 @@ def _parse_yaml(text: str, label: str) -> tuple[Any, _LineIndex]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        problem = f"{exc.problem or 'invalid YAML'}" + (f" ({exc.context})" if exc.context else "")
-        raise RecipeError(
-            label,
-            [RecipeIssue("", f"invalid YAML: {problem}", line=line, suggestion="check indentation, colons and quotes")],
-        ) from None
+        context = exc.context or ""
+        if context and exc.context_mark is not None and exc.context_mark.line + 1 != line:
+            context += f" that starts on line {exc.context_mark.line + 1}"
+        problem = f"{exc.problem or 'invalid YAML'}" + (f" ({context})" if context else "")
+        hint = "check indentation, colons, quotes and brackets"
+        if "'\\t'" in problem:
+            hint = "indent with spaces: YAML does not allow tabs"
+        raise RecipeError(label, [RecipeIssue("", f"invalid YAML: {problem}", line=line, suggestion=hint)]) from None
     except yaml.YAMLError as exc:
         raise RecipeError(label, [RecipeIssue("", f"invalid YAML: {exc}")]) from None
     if data is None:
@@ -270,6 +295,15 @@ def _check_model_id(data: dict[str, Any], lines: _LineIndex) -> list[RecipeIssue
                 "(owner/name) or builtin:tiny-sd; model paths are relative to the current folder",
             )
         ]
+    if target.is_dir() and not (target / "model_index.json").is_file():
+        return [
+            RecipeIssue(
+                path,
+                f"model folder {model_id!r} has no model_index.json, so it is not a diffusers pipeline folder",
+                line,
+                "give the folder that holds model_index.json (e.g. one written by save_pretrained)",
+            )
+        ]
     return []
 
 
@@ -303,7 +337,9 @@ def _load_recipe_plugins(
 # --------------------------------------------------------------------------- error rendering
 
 
-def _convert_errors(exc: ValidationError, schema: RecipeSchema, lines: _LineIndex) -> list[RecipeIssue]:
+def _convert_errors(
+    exc: ValidationError, schema: RecipeSchema, lines: _LineIndex, host: PluginHost
+) -> list[RecipeIssue]:
     errors = exc.errors()
     # unknown keys per parent, so a missing key can point at its misspelling
     extra: dict[tuple[Any, ...], list[str]] = {}
@@ -330,7 +366,7 @@ def _convert_errors(exc: ValidationError, schema: RecipeSchema, lines: _LineInde
             elif allowed:
                 suggestion = "allowed keys: " + ", ".join(allowed)
         elif kind == "unknown_method":
-            message, suggestion = _unknown_method(given, ctx, schema)
+            message, suggestion = _unknown_method(given, ctx, schema, host)
         elif kind == "missing":
             key = str(loc[-1])
             message = f"required key {key!r} is missing"
@@ -395,7 +431,7 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool)) or value is None
 
 
-def _unknown_method(given: Any, ctx: dict[str, Any], schema: RecipeSchema) -> tuple[str, str]:
+def _unknown_method(given: Any, ctx: dict[str, Any], schema: RecipeSchema, host: PluginHost) -> tuple[str, str]:
     """Message and suggestion for an edit whose ``method:`` is missing, unknown, or not allowed where it is."""
     allowed = [t for t in str(ctx.get("known", "")).split(", ") if t and t != "group"]
     name = _tag_value(given)
@@ -412,7 +448,12 @@ def _unknown_method(given: Any, ctx: dict[str, Any], schema: RecipeSchema) -> tu
         )
     close = get_close_matches(str(name), allowed, n=1, cutoff=0.5)
     suggestion = (f"did you mean {close[0]!r}? " if close else "") + "installed: " + ", ".join(allowed)
-    return f"unknown edit method {name!r}", suggestion + "; `conceptedit plugins` lists what failed to load"
+    broken = host.failed()
+    if broken:  # one of them may be the plugin that provides it
+        suggestion += "; plugins that failed to load: " + ", ".join(f"{i.name} ({i.error})" for i in broken)
+    else:
+        suggestion += "; `conceptedit plugins` lists every plugin and method"
+    return f"unknown edit method {name!r}", suggestion
 
 
 def _tag_value(value: Any) -> Any:

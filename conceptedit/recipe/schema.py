@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -251,7 +252,7 @@ class RecipeSchema:
         if group_model is not None:
             tagged["group"] = group_model
         self.tag_models: dict[str, type[BaseModel]] = tagged
-        edit_union = _union(tagged) if tagged else Any
+        edit_union = _union(tagged) if tagged else Annotated[Any, BeforeValidator(_no_methods)]
         self.model: type[RecipeBase] = create_model(
             "Recipe",
             __base__=RecipeBase,
@@ -262,7 +263,18 @@ class RecipeSchema:
         schema = self.model.model_json_schema()
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["title"] = "conceptedit recipe"
+        # `model: NAME` is accepted as shorthand for `model: {id: NAME}` (see RecipeBase._model_shorthand)
+        spec = schema["properties"]["model"]
+        shorthand = {"type": "string", "minLength": 1, "description": "Shorthand for `model: {id: ...}`."}
+        schema["properties"]["model"] = {"anyOf": [shorthand, spec]}
         return schema
+
+
+def _no_methods(value: Any) -> Any:
+    raise ValueError(
+        "no edit methods are installed; `conceptedit plugins` shows what failed to load "
+        "(CONCEPTEDIT_LOAD_PLUGINS / CONCEPTEDIT_DISABLE_PLUGINS may be filtering them)"
+    )
 
 
 def _union(models: Mapping[str, type[BaseModel]]) -> Any:
