@@ -180,7 +180,8 @@ def part_stage2(layout: str, steps: int, checkpointing: bool) -> dict[str, Any]:
         "method": "trce_steer",
         "params": {"concepts": "sexual", "trajectories_per_concept": 1, "sampling_steps": 4, "min_timestep": 400,
                    "unconditional_trajectories": 2, "regularization_batch": 4},
-        "training": {"steps": steps, "lr": 1e-6, "gradient_checkpointing": checkpointing},
+        "training": {"steps": steps, "lr": 1e-6, "gradient_checkpointing": checkpointing,
+                     "micro_batch": 1 if checkpointing else None},
     }
     recipe = _recipe([_stage1_edit(str(COCO), 50), stage2])
     recipe["concepts"]["sexual"]["limit"] = 1
@@ -354,14 +355,15 @@ def main() -> None:
     if args.part == "cache":
         print(json.dumps(part_cache()))
         return
+    stage2 = [
+        _run_part(["--part", "stage2", "--layout", "lean", "--checkpointing", "--steps", str(args.steps)]),
+        _run_part(["--part", "stage2", "--layout", "three", "--steps", str(args.steps)]),
+    ]
     results = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "device": "cpu"},
         "stage1": _run_part(["--part", "stage1", "--captions", str(args.captions)]),
-        "stage2": [
-            _run_part(["--part", "stage2", "--layout", "lean", "--checkpointing", "--steps", str(args.steps)]),
-            _run_part(["--part", "stage2", "--layout", "three", "--steps", str(args.steps)]),
-        ],
+        "stage2": stage2,
         "trajectory_cache": _run_part(["--part", "cache"]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

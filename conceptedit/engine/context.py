@@ -142,9 +142,24 @@ class EditContext:
 
     # trajectory loss ----------------------------------------------------------------
 
-    def predict_noise(self, latents: Tensor, timesteps: Tensor, hidden: Tensor) -> Tensor:
-        """The denoiser's prediction; inside training this is the model being trained."""
-        return self.adapter.predict_noise(latents, timesteps, hidden, unet=self.run.training_modules.get("unet"))
+    def predict_noise(self, latents: Tensor, timesteps: Tensor, hidden: Tensor, *, frozen: bool = False) -> Tensor:
+        """The denoiser's prediction for a batch.
+
+        Inside training it runs the model being trained (through accelerate's wrapper), or with
+        ``frozen=True`` the plain module, for reference passes under ``reference_weights``. When
+        the training loop sets ``micro_batch``, the batch is split into calls of at most that
+        many samples: with gradient checkpointing, activation memory then scales with the
+        micro-batch instead of the batch.
+        """
+        unet = None if frozen else self.run.training_modules.get("unet")
+        size = getattr(self.training, "micro_batch", None) or latents.shape[0]
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(latents.shape[0])
+        outputs = [
+            self.adapter.predict_noise(latents[i : i + size], timesteps[i : i + size], hidden[i : i + size], unet=unet)
+            for i in range(0, latents.shape[0], size)
+        ]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     @contextmanager
     def reference_weights(

@@ -42,10 +42,12 @@ class WeightLedger:
         """Record base and edit-start copies of ``names`` before they change."""
         for name in names:
             param = self.adapter.get_parameter(name)
-            if name not in self.base:
+            first_time = name not in self.base
+            if first_time:
                 self.base[name] = param.detach().clone()
             if name not in self.edit_start:
-                self.edit_start[name] = param.detach().clone()
+                # Untouched until now, the parameter still holds its base value: share that copy.
+                self.edit_start[name] = self.base[name] if first_time else param.detach().clone()
 
     def set(self, name: str, value: Tensor) -> None:
         """Write ``value`` into a parameter, recording its old value first."""

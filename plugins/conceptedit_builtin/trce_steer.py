@@ -134,11 +134,12 @@ class TrceSteer(EditMethod):
         r = len(reg_rows)
 
         with torch.no_grad():
-            with ctx.reference_weights("base"):
-                e_m, e_s, e_0 = ctx.adapter.predict_noise(
-                    x.expand(3, -1, -1, -1), t.expand(3), torch.cat([c_m, c_s, empty])).float().chunk(3)
-            with ctx.reference_weights("edit_start"):
-                reg_target = ctx.adapter.predict_noise(xr, tr, empty.expand(r, -1, -1)).float()
+            with ctx.reference_weights("base"):  # the original model
+                e_m, e_s, e_0 = ctx.predict_noise(
+                    x.expand(3, -1, -1, -1), t.expand(3), torch.cat([c_m, c_s, empty]), frozen=True
+                ).float().chunk(3)
+            with ctx.reference_weights("edit_start"):  # the stage-1 model
+                reg_target = ctx.predict_noise(xr, tr, empty.expand(r, -1, -1), frozen=True).float()
             f_safe = e_s + p.guidance * (e_s - e_0)
             f_unsafe = e_m + p.guidance * (e_m - e_0)
 
