@@ -62,9 +62,14 @@ def generate(pipeline: Any, prompt: str, seed: int, sampling: Sampling, count: i
     for i in range(count):
         generator = torch.Generator("cpu").manual_seed(seed + i)
         out = pipeline(
-            prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=sampling.steps,
-            guidance_scale=sampling.guidance, height=sampling.height, width=sampling.width,
-            generator=generator, output_type="pil",
+            prompt_embeds=positive,
+            negative_prompt_embeds=negative,
+            num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance,
+            height=sampling.height,
+            width=sampling.width,
+            generator=generator,
+            output_type="pil",
         )
         images.extend(out.images)
     return images

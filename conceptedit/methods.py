@@ -60,8 +60,9 @@ class TrainingConfig(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     micro_batch: PositiveInt | None = Field(
-        None, description="Most samples per denoiser call (None: whole batch). With gradient checkpointing, "
-        "1 keeps activation memory at one sample's worth."
+        None,
+        description="Most samples per denoiser call (None: whole batch). With gradient checkpointing, "
+        "1 keeps activation memory at one sample's worth.",
     )
     checkpoint_every: PositiveInt | None = Field(
         None, description="Save a resumable checkpoint every N steps (None: only at the end)."

@@ -55,8 +55,7 @@ def test_tiny_sd_is_sd_shaped(tiny: StableDiffusionPipeline) -> None:
 
 
 def test_tiny_sd_generates(tiny: StableDiffusionPipeline) -> None:
-    images = tiny("a cat", num_inference_steps=2, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = tiny("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 64, 64, 3)
     assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
 

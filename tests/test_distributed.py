@@ -39,9 +39,22 @@ def test_two_process_training_writes_one_run_folder(tmp_path: Path) -> None:
     script.write_text(SCRIPT)
     env = dict(os.environ, CONCEPTEDIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(script), str(tmp_path / "run")],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done") == 2  # both ranks finished

@@ -22,8 +22,11 @@ from conceptedit.engine import trajectories
 from conceptedit.models.builtin import build_tiny_sd
 from conceptedit.testing import isolated_host, tiny_recipe
 
-PAIRS = [["nudity", "a person wearing clothes"], ["a naked body", "a person wearing clothes"],
-         ["an erotic photo", "a person wearing clothes"]]
+PAIRS = [
+    ["nudity", "a person wearing clothes"],
+    ["a naked body", "a person wearing clothes"],
+    ["an erotic photo", "a person wearing clothes"],
+]
 TEMPLATES = ["a photo of {}", "an illustration of {}", "{} in a painting"]
 
 
@@ -42,8 +45,13 @@ def _stage1(**params: Any) -> dict[str, Any]:
 def _stage2(**training: Any) -> dict[str, Any]:
     return {
         "method": "trce_steer",
-        "params": {"concepts": "nsfw", "trajectories_per_concept": 2, "sampling_steps": 10,
-                   "unconditional_trajectories": 6, "regularization_batch": 2},
+        "params": {
+            "concepts": "nsfw",
+            "trajectories_per_concept": 2,
+            "sampling_steps": 10,
+            "unconditional_trajectories": 6,
+            "regularization_batch": 2,
+        },
         "training": {"steps": 12, "lr": 3e-4, **training},
     }
 
@@ -69,8 +77,11 @@ def _prior(pipe: Any, captions: list[str]) -> torch.Tensor:
 
 
 def _kv_weights(pipe: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().double().clone() for n, p in pipe.unet.named_parameters()
-            if "attn2.to_k" in n or "attn2.to_v" in n}
+    return {
+        n: p.detach().double().clone()
+        for n, p in pipe.unet.named_parameters()
+        if "attn2.to_k" in n or "attn2.to_v" in n
+    }
 
 
 def test_stage1_solves_the_trce_objective(tmp_path: Path) -> None:
@@ -113,8 +124,13 @@ def test_first_eot_comes_from_token_ids_not_word_counts(builtin_host: Any) -> No
     expected = {"token": [3, 6, len(pipe.tokenizer(prompts[2]).input_ids) - 1], "legacy_wordcount": [2, 5, 4]}
     for mode, positions in expected.items():
         method = method_cls(method_cls.Params(concepts="x", eot_index=mode))
-        ctx = EditContext(run=_FakeRun(adapter), edit=None, index=0, method=method,  # type: ignore[arg-type]
-                          generator=torch.Generator())
+        ctx = EditContext(
+            run=_FakeRun(adapter),
+            edit=None,
+            index=0,
+            method=method,  # type: ignore[arg-type]
+            generator=torch.Generator(),
+        )
         assert method.encode_prompts(ctx, prompts).eot_index.tolist() == positions, mode
 
 
@@ -134,8 +150,9 @@ def test_token_rows_and_legacy_index_change_the_edit(tmp_path: Path) -> None:
         "key": {"rows": {"eot": 0.0, "keyword": 1.0}},
         "last_pad": {"rows": {"eot": 0.0, "last_pad": 1.0}},
     }.items():
-        result = conceptedit.apply(_recipe(_stage1(**params)), pipeline=build_tiny_sd(), out=tmp_path / label,
-                                   quiet=True)
+        result = conceptedit.apply(
+            _recipe(_stage1(**params)), pipeline=build_tiny_sd(), out=tmp_path / label, quiet=True
+        )
         runs[label] = _kv_weights(result.pipeline)
     name = next(iter(runs["eot"]))
     for label in ("legacy", "eot+sot", "key", "last_pad"):
@@ -158,15 +175,15 @@ def test_prior_is_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert files[0].stat().st_mtime_ns == stamp
     assert (tmp_path / "a" / "edit.safetensors").read_bytes() == (tmp_path / "b" / "edit.safetensors").read_bytes()
     # another caption subset is another prior
-    conceptedit.apply(_recipe(_stage1(prior={"captions": str(COCO_30K), "limit": 41})), out=tmp_path / "c",
-                      quiet=True)
+    conceptedit.apply(_recipe(_stage1(prior={"captions": str(COCO_30K), "limit": 41})), out=tmp_path / "c", quiet=True)
     assert len(list((tmp_path / "cache" / "priors").glob("*.safetensors"))) == 2
 
 
 def test_stage2_trains_only_its_parameters_and_the_loss_falls(tmp_path: Path) -> None:
     base = build_tiny_sd()
-    result = conceptedit.apply(_recipe(_stage1(), _stage2(steps=40)), pipeline=build_tiny_sd(),
-                               out=tmp_path / "run", quiet=True)
+    result = conceptedit.apply(
+        _recipe(_stage1(), _stage2(steps=40)), pipeline=build_tiny_sd(), out=tmp_path / "run", quiet=True
+    )
     originals = dict(base.unet.named_parameters())
     for name, param in result.pipeline.unet.named_parameters():
         declared = "attn1." in name or "attn2.to_q." in name or "attn2.to_k." in name or "attn2.to_v." in name
@@ -179,8 +196,9 @@ def test_stage2_trains_only_its_parameters_and_the_loss_falls(tmp_path: Path) ->
 
 def test_micro_batches_give_the_same_training(tmp_path: Path) -> None:
     whole = conceptedit.apply(_recipe(_stage1(), _stage2()), out=tmp_path / "a", quiet=True)
-    lean = conceptedit.apply(_recipe(_stage1(), _stage2(micro_batch=1, gradient_checkpointing=True)),
-                             out=tmp_path / "b", quiet=True)
+    lean = conceptedit.apply(
+        _recipe(_stage1(), _stage2(micro_batch=1, gradient_checkpointing=True)), out=tmp_path / "b", quiet=True
+    )
     a, b = (load_file(str(tmp_path / x / "edit.safetensors")) for x in "ab")
     assert sorted(a) == sorted(b) == whole.changed == lean.changed
     for name in a:
@@ -215,11 +233,25 @@ def test_kept_latents_are_paired_with_their_own_timestep(tmp_path: Path) -> None
     pipe = build_tiny_sd()
     adapter = StableDiffusionAdapter(pipe)
     loaded = load_recipe(_recipe(_stage1()))
-    run = RunContext(loaded=loaded, pipeline=pipe, adapter=adapter, device=torch.device("cpu"),
-                     ledger=WeightLedger(adapter), host=loaded.host, run_dir=tmp_path, reporter=Reporter(quiet=True),
-                     cache_dir=tmp_path / "cache", base_fingerprint="test")
-    ctx = EditContext(run=run, edit=SimpleNamespace(label="test"), index=0, method=None,  # type: ignore[arg-type]
-                      generator=torch.Generator())
+    run = RunContext(
+        loaded=loaded,
+        pipeline=pipe,
+        adapter=adapter,
+        device=torch.device("cpu"),
+        ledger=WeightLedger(adapter),
+        host=loaded.host,
+        run_dir=tmp_path,
+        reporter=Reporter(quiet=True),
+        cache_dir=tmp_path / "cache",
+        base_fingerprint="test",
+    )
+    ctx = EditContext(
+        run=run,
+        edit=SimpleNamespace(label="test"),
+        index=0,
+        method=None,  # type: ignore[arg-type]
+        generator=torch.Generator(),
+    )
     request = trajectories.TrajectoryRequest(prompts=["a cat"], seeds=[7], needed={0: [0, 3]}, guidance=3.0, steps=10)
     kept = trajectories.sample_trajectories(ctx, request, "test")
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
@@ -241,8 +273,11 @@ def test_kept_latents_are_paired_with_their_own_timestep(tmp_path: Path) -> None
 
 
 def test_trce_steer_in_a_group_with_another_training_method(tmp_path: Path) -> None:
-    group = {"group": "mix", "training": {"steps": 5, "lr": 1e-4},
-             "edits": [_stage2() | {"training": None}, {"method": "test_q_steer", "weight": 0.5}]}
+    group = {
+        "group": "mix",
+        "training": {"steps": 5, "lr": 1e-4},
+        "edits": [_stage2() | {"training": None}, {"method": "test_q_steer", "weight": 0.5}],
+    }
     group["edits"][0].pop("training")
     result = conceptedit.apply(_recipe(_stage1(), group), out=tmp_path / "run", quiet=True)
     log = [json.loads(x) for x in (tmp_path / "run" / "logs" / "mix.jsonl").read_text().splitlines()]
@@ -255,12 +290,29 @@ def test_trce_steer_in_a_group_with_another_training_method(tmp_path: Path) -> N
 @pytest.mark.parametrize("recipe", ["trce_nsfw.yaml", "trce_unsafe.yaml"])
 def test_paper_recipes_run_on_tiny_sd(recipe: str, tmp_path: Path) -> None:
     args = [
-        "apply", str(REPO / "recipes" / recipe), "--model", "builtin:tiny-sd", "--device", "cpu",
-        "--out", str(tmp_path / "run"), "--quiet",
-        "--set", f"edits.0.params.prior.captions={COCO_30K}", "--set", "edits.0.params.prior.limit=20",
-        "--set", "edits.1.params.sampling_steps=10", "--set", "edits.1.params.unconditional_trajectories=4",
-        "--set", "edits.1.params.trajectories_per_concept=1", "--set", "edits.1.training.steps=3",
-        "--set", "edits.1.training.checkpoint_every=2",
+        "apply",
+        str(REPO / "recipes" / recipe),
+        "--model",
+        "builtin:tiny-sd",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+        "--set",
+        f"edits.0.params.prior.captions={COCO_30K}",
+        "--set",
+        "edits.0.params.prior.limit=20",
+        "--set",
+        "edits.1.params.sampling_steps=10",
+        "--set",
+        "edits.1.params.unconditional_trajectories=4",
+        "--set",
+        "edits.1.params.trajectories_per_concept=1",
+        "--set",
+        "edits.1.training.steps=3",
+        "--set",
+        "edits.1.training.checkpoint_every=2",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -187,22 +187,35 @@ def apply(
     return result
 
 
-def _write_run(run: RunContext, base: LoadedModel, outcomes: list[EditOutcome], changed: dict[str, torch.Tensor],
-               started: str) -> dict[str, Any]:
+def _write_run(
+    run: RunContext, base: LoadedModel, outcomes: list[EditOutcome], changed: dict[str, torch.Tensor], started: str
+) -> dict[str, Any]:
     """Write the edit file, the exporters' formats and (last) the manifest into the staging folder."""
     loaded, recipe = run.loaded, run.loaded.recipe
     staging = run.run_dir
     base_info = base.describe()
-    save_edit(staging / EDIT_FILE, changed, recipe=_resolved(loaded), base_model=base_info,
-              base_digests=run.ledger.base_digests(changed))
+    save_edit(
+        staging / EDIT_FILE,
+        changed,
+        recipe=_resolved(loaded),
+        base_model=base_info,
+        base_digests=run.ledger.base_digests(changed),
+    )
     exporters = run.host.registry.exporters
     for fmt in recipe.output.formats:
         exporters[fmt].export(base.pipeline, staging)
     shutil.rmtree(staging / "checkpoints", ignore_errors=True)
     manifest = build_manifest(
-        host=run.host, base_model=base_info, seed=recipe.seed, device=run.device, dtype=recipe.dtype,
-        edits=[o.as_dict() for o in outcomes], changed={name: list(t.shape) for name, t in changed.items()},
-        recipe_source=str(loaded.source) if loaded.source else None, started=started, finished=_now(),
+        host=run.host,
+        base_model=base_info,
+        seed=recipe.seed,
+        device=run.device,
+        dtype=recipe.dtype,
+        edits=[o.as_dict() for o in outcomes],
+        changed={name: list(t.shape) for name, t in changed.items()},
+        recipe_source=str(loaded.source) if loaded.source else None,
+        started=started,
+        finished=_now(),
     )
     atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

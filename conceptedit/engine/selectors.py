@@ -8,8 +8,9 @@ from conceptedit.errors import TrainingError
 from conceptedit.models.backbone import BackboneAdapter
 
 
-def select_parameters(adapter: BackboneAdapter, include: Sequence[str], exclude: Sequence[str] = (),
-                      component: str = "unet") -> list[str]:
+def select_parameters(
+    adapter: BackboneAdapter, include: Sequence[str], exclude: Sequence[str] = (), component: str = "unet"
+) -> list[str]:
     """Full names of ``component`` parameters containing any ``include`` substring and no ``exclude`` one.
 
     Raises:
@@ -17,7 +18,8 @@ def select_parameters(adapter: BackboneAdapter, include: Sequence[str], exclude:
     """
     prefix = component + "."
     names = [
-        name for name, _ in adapter.named_parameters()
+        name
+        for name, _ in adapter.named_parameters()
         if name.startswith(prefix)
         and any(part in name for part in include)
         and not any(part in name for part in exclude)

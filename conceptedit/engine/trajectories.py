@@ -70,8 +70,9 @@ def ddim_timesteps(ctx: EditContext, steps: int) -> Tensor:
 def _scheduler(ctx: EditContext, steps: int):
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(ctx.adapter.pipeline.scheduler.config, clip_sample=False,
-                                          set_alpha_to_one=False)
+    scheduler = DDIMScheduler.from_config(
+        ctx.adapter.pipeline.scheduler.config, clip_sample=False, set_alpha_to_one=False
+    )
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -113,9 +114,9 @@ def sample_trajectories(ctx: EditContext, request: TrajectoryRequest, label: str
         for batch in batches:
             prompts = [request.prompts[j] for j in batch]
             cond = ctx.encode_prompts(prompts).hidden
-            latents = torch.stack([
-                torch.randn(shape, generator=torch.Generator().manual_seed(int(request.seeds[j]))) for j in batch
-            ]).to(ctx.device)
+            latents = torch.stack(
+                [torch.randn(shape, generator=torch.Generator().manual_seed(int(request.seeds[j]))) for j in batch]
+            ).to(ctx.device)
             scheduler = _scheduler(ctx, request.steps)
             latents = latents * scheduler.init_noise_sigma
             last = max(max(request.needed[j]) for j in batch)
@@ -143,8 +144,7 @@ def sample_trajectories(ctx: EditContext, request: TrajectoryRequest, label: str
     return result
 
 
-def _guided_noise(ctx: EditContext, latents: Tensor, t: Tensor, cond: Tensor, empty: Tensor,
-                  guidance: float) -> Tensor:
+def _guided_noise(ctx: EditContext, latents: Tensor, t: Tensor, cond: Tensor, empty: Tensor, guidance: float) -> Tensor:
     batch = latents.shape[0]
     steps = t.reshape(1).expand(batch).to(ctx.device)
     if guidance <= 1.0:

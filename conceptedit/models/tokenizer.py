@@ -43,8 +43,12 @@ def clean_prompt(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str], max_length: int | None = None,
-             pad_to: Literal["max_length", "longest"] = "max_length") -> torch.LongTensor:
+def tokenize(
+    tokenizer: CLIPTokenizer,
+    prompts: Sequence[str],
+    max_length: int | None = None,
+    pad_to: Literal["max_length", "longest"] = "max_length",
+) -> torch.LongTensor:
     """Token ids of cleaned prompts, truncated to ``max_length`` (default: the model's 77) and padded
     to it (``max_length``) or only to the longest prompt (``longest``)."""
     length = tokenizer.model_max_length if max_length is None else max_length

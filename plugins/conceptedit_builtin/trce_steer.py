@@ -45,8 +45,11 @@ class TrceSteerParams(MethodParams):
     guidance: NonNegativeFloat = Field(15.0, description="g in f_safe/f_unsafe (β = g + 1 in the paper's notation).")
     margin: NonNegativeFloat = Field(0.01, description="Hinge margin δ.")
     preserve_weight: NonNegativeFloat = Field(100.0, description="λ on the unconditional regulariser.")
-    trainable: list[str] = Field(["attn1.", "attn2.to_q."], min_length=1,
-                                 description="UNet parameter-name substrings to train (TRCE: attn1.* + attn2.to_q).")
+    trainable: list[str] = Field(
+        ["attn1.", "attn2.to_q."],
+        min_length=1,
+        description="UNet parameter-name substrings to train (TRCE: attn1.* + attn2.to_q).",
+    )
 
 
 class TrceSteerTraining(TrainingConfig):
@@ -85,31 +88,56 @@ class TrceSteer(EditMethod):
         draws = ctx.training.steps * self._accum
         runs = n * p.trajectories_per_concept
         g = ctx.generator
-        self.mal_plan = list(zip(torch.randint(0, runs, (draws,), generator=g).tolist(),
-                                 torch.randint(0, early, (draws,), generator=g).tolist(), strict=True))
-        self.reg_plan = torch.stack([
-            torch.randint(0, p.unconditional_trajectories, (draws, p.regularization_batch), generator=g),
-            torch.randint(0, p.sampling_steps, (draws, p.regularization_batch), generator=g),
-        ], dim=-1).tolist()
+        self.mal_plan = list(
+            zip(
+                torch.randint(0, runs, (draws,), generator=g).tolist(),
+                torch.randint(0, early, (draws,), generator=g).tolist(),
+                strict=True,
+            )
+        )
+        self.reg_plan = torch.stack(
+            [
+                torch.randint(0, p.unconditional_trajectories, (draws, p.regularization_batch), generator=g),
+                torch.randint(0, p.sampling_steps, (draws, p.regularization_batch), generator=g),
+            ],
+            dim=-1,
+        ).tolist()
         seeds = [derive_seed(ctx.run.seed, ctx.index, "trce_steer", "malicious", j) for j in range(runs)]
         needed: dict[int, set[int]] = {}
         for j, k in self.mal_plan:
             needed.setdefault(j, set()).add(k)
-        self.mal = sample_trajectories(ctx, TrajectoryRequest(
-            prompts=[fill("{}", pairs[j // p.trajectories_per_concept][0]) for j in range(runs)],
-            seeds=seeds, needed={j: sorted(v) for j, v in needed.items()},
-            guidance=p.trajectory_guidance, steps=p.sampling_steps, weights="base",
-        ), "malicious")
+        self.mal = sample_trajectories(
+            ctx,
+            TrajectoryRequest(
+                prompts=[fill("{}", pairs[j // p.trajectories_per_concept][0]) for j in range(runs)],
+                seeds=seeds,
+                needed={j: sorted(v) for j, v in needed.items()},
+                guidance=p.trajectory_guidance,
+                steps=p.sampling_steps,
+                weights="base",
+            ),
+            "malicious",
+        )
         needed = {}
         for row in self.reg_plan:
             for u, k in row:
                 needed.setdefault(u, set()).add(k)
-        seeds = [derive_seed(ctx.run.seed, ctx.index, "trce_steer", "unconditional", u)
-                 for u in range(p.unconditional_trajectories)]
-        self.reg = sample_trajectories(ctx, TrajectoryRequest(
-            prompts=[""] * p.unconditional_trajectories, seeds=seeds, needed={u: sorted(v) for u, v in needed.items()},
-            guidance=1.0, steps=p.sampling_steps, weights="base",
-        ), "unconditional")
+        seeds = [
+            derive_seed(ctx.run.seed, ctx.index, "trce_steer", "unconditional", u)
+            for u in range(p.unconditional_trajectories)
+        ]
+        self.reg = sample_trajectories(
+            ctx,
+            TrajectoryRequest(
+                prompts=[""] * p.unconditional_trajectories,
+                seeds=seeds,
+                needed={u: sorted(v) for u, v in needed.items()},
+                guidance=1.0,
+                steps=p.sampling_steps,
+                weights="base",
+            ),
+            "unconditional",
+        )
         self.mal_at, self.reg_at = self.mal.lookup(), self.reg.lookup()
         self._calls = (0, 0)
 
@@ -135,20 +163,23 @@ class TrceSteer(EditMethod):
 
         with torch.no_grad():
             with ctx.reference_weights("base"):  # the original model
-                e_m, e_s, e_0 = ctx.predict_noise(
-                    x.expand(3, -1, -1, -1), t.expand(3), torch.cat([c_m, c_s, empty]), frozen=True
-                ).float().chunk(3)
+                e_m, e_s, e_0 = (
+                    ctx.predict_noise(x.expand(3, -1, -1, -1), t.expand(3), torch.cat([c_m, c_s, empty]), frozen=True)
+                    .float()
+                    .chunk(3)
+                )
             with ctx.reference_weights("edit_start"):  # the stage-1 model
                 reg_target = ctx.predict_noise(xr, tr, empty.expand(r, -1, -1), frozen=True).float()
             f_safe = e_s + p.guidance * (e_s - e_0)
             f_unsafe = e_m + p.guidance * (e_m - e_0)
 
-        pred = ctx.predict_noise(torch.cat([x, x, xr]), torch.cat([t, t, tr]),
-                                 torch.cat([c_m, empty, empty.expand(r, -1, -1)])).float()
+        pred = ctx.predict_noise(
+            torch.cat([x, x, xr]), torch.cat([t, t, tr]), torch.cat([c_m, empty, empty.expand(r, -1, -1)])
+        ).float()
         anchors, reg_pred = pred[:2], pred[2:]
-        hinge = torch.stack([
-            F.relu(F.mse_loss(a, f_safe[0]) - F.mse_loss(a, f_unsafe[0]) + p.margin) for a in anchors
-        ]).mean()
+        hinge = torch.stack(
+            [F.relu(F.mse_loss(a, f_safe[0]) - F.mse_loss(a, f_unsafe[0]) + p.margin) for a in anchors]
+        ).mean()
         preserve = F.mse_loss(reg_pred, reg_target)
         return {"erase": hinge, "preserve": p.preserve_weight * preserve}
 
