@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import typer
 
     from conceptedit.engine.context import EditContext, RunContext
+    from conceptedit.evaluators import Evaluator
     from conceptedit.exporters import Exporter
     from conceptedit.methods import EditMethod
     from conceptedit.models.backbone import BackboneAdapter
@@ -77,6 +78,18 @@ def conceptedit_register_exporters(register: Callable[[Exporter], None]) -> None
 
     Args:
         register: Adds one :class:`~conceptedit.exporters.Exporter`.
+    """
+
+
+@hookspec
+def conceptedit_register_evaluators(register: Callable[[type[Evaluator]], None]) -> None:
+    """Add evaluators: scorers of generated images (concept detectors, judges, distances).
+
+    Call ``register(EvaluatorClass)`` for each :class:`~conceptedit.evaluators.Evaluator`
+    subclass; its ``name`` is how benchmarks and evaluation suites refer to it.
+
+    Args:
+        register: Adds one evaluator class to the registry.
     """
 
 

@@ -34,6 +34,7 @@ from conceptedit import hookspecs
 from conceptedit.errors import PluginError, UnknownMethodError
 
 if TYPE_CHECKING:
+    from conceptedit.evaluators import Evaluator
     from conceptedit.exporters import Exporter
     from conceptedit.methods import EditMethod
     from conceptedit.models.backbone import BackboneAdapter
@@ -65,6 +66,7 @@ class Registry:
     method_origin: dict[str, str] = field(default_factory=dict)
     backbones: list[type[BackboneAdapter]] = field(default_factory=list)
     exporters: dict[str, Exporter] = field(default_factory=dict)
+    evaluators: dict[str, type[Evaluator]] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
 
 
@@ -234,6 +236,11 @@ class PluginHost:
             exporters = self._registrations(impl)
             reg.exporters.update((exp.name, exp) for exp in exporters or [])
             if exporters is None:
+                failed.add(impl.plugin_name)
+        for impl in hooks.conceptedit_register_evaluators.get_hookimpls():
+            evaluators = self._registrations(impl)
+            reg.evaluators.update((cls.name, cls) for cls in evaluators or [])
+            if evaluators is None:
                 failed.add(impl.plugin_name)
         # later registrations are tried first, so a plugin can take over a built-in family
         reg.backbones.reverse()

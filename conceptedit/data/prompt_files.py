@@ -15,6 +15,7 @@ from pathlib import Path
 
 from conceptedit.errors import ConceptEditError
 from conceptedit.io.atomic import atomic_write_bytes
+from conceptedit.io.hashing import file_sha256
 
 
 class PromptFileError(ConceptEditError):
@@ -49,14 +50,6 @@ COCO_30K = PromptSource(
 )
 
 SOURCES = {"coco-30k": COCO_30K}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(source: PromptSource, cache_dir: Path) -> Path:

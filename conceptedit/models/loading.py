@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from conceptedit.errors import ModelLoadError
+from conceptedit.io.hashing import file_sha256
 from conceptedit.models.builtin import BUILTIN_MODELS
 
 BUILTIN_PREFIX = "builtin:"
@@ -128,7 +129,7 @@ def _load_single_file(model_id: str, path: Path, dtype: torch.dtype) -> LoadedMo
         )
     except Exception as exc:
         raise ModelLoadError(f"could not load the checkpoint {path}: {exc}") from exc
-    return LoadedModel(pipeline, "single_file", model_id, file_hashes={path.name: _sha256(path)})
+    return LoadedModel(pipeline, "single_file", model_id, file_hashes={path.name: file_sha256(path)})
 
 
 def _load_hub(model_id: str, revision: str | None, dtype: torch.dtype, variant: str | None) -> LoadedModel:
@@ -167,15 +168,7 @@ def _hub_snapshot(model_id: str, revision: str | None) -> Path | None:
 
 def _hash_weights(folder: Path) -> dict[str, str]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    return {str(p.relative_to(folder)): _sha256(p) for p in files}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {str(p.relative_to(folder)): file_sha256(p) for p in files}
 
 
 def state_digest(pipeline: Any) -> str:
