@@ -131,6 +131,11 @@ def apply(
     host = host or get_host()
     the_plan = plan(recipe, overrides=overrides, model=model, device=device, out=out, resume=resume, host=host)
     loaded, recipe_model = the_plan.loaded, the_plan.loaded.recipe
+    # Under `accelerate launch` / torchrun every process runs the edits (training is data
+    # parallel, one GPU per process); only the main process writes the run folder.
+    state = PartialState(cpu=the_plan.device.type == "cpu")
+    if state.num_processes > 1 and the_plan.device.type == "cuda":
+        the_plan.device = state.device
     torch.manual_seed(recipe_model.seed)
     if pipeline is None:
         base = load_model(
@@ -148,14 +153,11 @@ def apply(
     if dry_run:
         return RunResult(None, base.pipeline, [], [], {"plan": str(the_plan.run_dir), "backbone": adapter.family})
 
-    # Under `accelerate launch` / torchrun every process runs the edits (training is data
-    # parallel); only the main process writes the run folder, the others use a scratch folder.
-    state = PartialState(cpu=the_plan.device.type == "cpu")
     staging = the_plan.run_dir.with_name(the_plan.run_dir.name + ".partial")
     if state.is_main_process:
         _prepare_staging(staging, loaded, resume)
     else:
-        staging = Path(tempfile.mkdtemp(prefix=f"conceptedit-rank{state.process_index}-"))
+        staging = Path(tempfile.mkdtemp(prefix=f"conceptedit-rank{state.process_index}-"))  # scratch only
     run = RunContext(
         loaded=loaded,
         pipeline=base.pipeline,
