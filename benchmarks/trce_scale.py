@@ -180,8 +180,8 @@ def part_stage2(layout: str, steps: int, checkpointing: bool) -> dict[str, Any]:
         "method": "trce_steer",
         "params": {"concepts": "sexual", "trajectories_per_concept": 1, "sampling_steps": 4, "min_timestep": 400,
                    "unconditional_trajectories": 2, "regularization_batch": 4},
-        "training": {"steps": steps, "lr": 1e-6, "gradient_checkpointing": checkpointing,
-                     "micro_batch": 1 if checkpointing else None},
+        # One sample per UNet call in both layouts, as the reference's six separate forwards.
+        "training": {"steps": steps, "lr": 1e-6, "gradient_checkpointing": checkpointing, "micro_batch": 1},
     }
     recipe = _recipe([_stage1_edit(str(COCO), 50), stage2])
     recipe["concepts"]["sexual"]["limit"] = 1
@@ -333,7 +333,7 @@ def _run_part(args: list[str]) -> dict[str, Any]:
     print(f"  running {' '.join(args)} ...", file=sys.stderr, flush=True)
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"part {args} failed:\n{done.stderr[-4000:]}")
+        raise SystemExit(f"part {args} failed with exit code {done.returncode}:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -90,9 +90,8 @@ def plan(
         run_dir = Path(out)
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        # Relative to where the command runs, like every output path of a CLI.
         run_dir = Path(output.dir.replace("{recipe}", loaded.stem).replace("{time}", stamp))
-        if not run_dir.is_absolute() and loaded.source is not None and output.dir != "runs/{recipe}-{time}":
-            run_dir = loaded.base_dir / run_dir
     if run_dir.exists() and not output.overwrite and not resume:
         raise RunDirError(f"run folder {run_dir} already exists; pass --out NEW_DIR or set output.overwrite: true")
     return Plan(loaded, run_dir, resolve_device(loaded.recipe.device))

@@ -112,7 +112,8 @@ class OutputSpec(Strict):
 
     dir: str = Field(
         "runs/{recipe}-{time}",
-        description="Run folder; {recipe} is the recipe file's stem, {time} the start time.",
+        description="Run folder, relative to the working directory; {recipe} is the recipe file's stem, "
+        "{time} the start time.",
     )
     formats: list[str] = Field(
         ["delta"], description="Exporters to run: delta (edit.safetensors, always), diffusers (full pipeline)."
