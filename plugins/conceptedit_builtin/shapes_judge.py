@@ -1,0 +1,50 @@
+"""The shapes judge as an evaluator: which colour and shape an image of the shapes world shows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from conceptedit import hookimpl
+from conceptedit.evaluators import Evaluator, Sample
+from conceptedit.shapes.judge import judge
+from conceptedit.shapes.world import COLOUR_NAMES, SHAPE_NAMES
+
+
+class ShapesJudge(Evaluator):
+    """Analytic judge: hue of the foreground for colour, mask geometry for shape, ``none`` if neither.
+
+    Per sample it reports the judged ``colour`` and ``shape``, every colour/shape covering a
+    quarter of the foreground, and -- when the sample's labels name the expected ``colour`` /
+    ``shape`` -- whether the judge agrees.
+    """
+
+    name = "shapes-judge"
+    summary = "Colour and shape of a shapes-world image (analytic; 'none' when nothing is recognisable)"
+    version = "1"
+
+    def score(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+        out = []
+        for sample in samples:
+            verdict = judge(np.asarray(sample.image.convert("RGB")))
+            row: dict[str, Any] = {
+                "colour": verdict.colour,
+                "shape": verdict.shape,
+                "colours": list(verdict.colours),
+                "shapes": list(verdict.shapes),
+            }
+            for key in ("colour", "shape"):
+                if key in sample.labels:
+                    row[f"{key}_correct"] = row[key] == sample.labels[key]
+            out.append(row)
+        return out
+
+    def protocol(self) -> dict[str, Any]:
+        return {**super().protocol(), "colours": list(COLOUR_NAMES), "shapes": list(SHAPE_NAMES)}
+
+
+@hookimpl
+def conceptedit_register_evaluators(register: Callable[[type[Evaluator]], None]) -> None:
+    register(ShapesJudge)
