@@ -329,12 +329,19 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path.with_name(path.name + ".partial"), ignore_errors=True)
 
 
-def _run_part(args: list[str]) -> dict[str, Any]:
+def _run_part(args: list[str], reuse: bool) -> dict[str, Any]:
+    """Run one part in a fresh process; its JSON is kept under results/trce_scale.parts/ for --reuse."""
+    saved = RESULTS / "trce_scale.parts" / ("_".join(a.lstrip("-") for a in args) + ".json")
+    if reuse and saved.is_file():
+        return json.loads(saved.read_text())
     print(f"  running {' '.join(args)} ...", file=sys.stderr, flush=True)
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"part {args} failed with exit code {done.returncode}:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(result) + "\n")
+    return result
 
 
 def main() -> None:
@@ -344,6 +351,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--captions", type=int, default=300)
+    parser.add_argument("--reuse", action="store_true", help="reuse parts already measured (results/trce_scale.parts)")
     args = parser.parse_args()
     if args.part == "stage1":
         print(json.dumps(part_stage1(args.captions)))
@@ -355,16 +363,19 @@ def main() -> None:
     if args.part == "cache":
         print(json.dumps(part_cache()))
         return
+    # Both stage-2 layouts use the same activation strategy (checkpointing, one sample per UNet
+    # call), so the difference is the layout alone: one resident UNet vs three.
+    steps = str(args.steps)
     stage2 = [
-        _run_part(["--part", "stage2", "--layout", "lean", "--checkpointing", "--steps", str(args.steps)]),
-        _run_part(["--part", "stage2", "--layout", "three", "--steps", str(args.steps)]),
+        _run_part(["--part", "stage2", "--layout", "lean", "--checkpointing", "--steps", steps], args.reuse),
+        _run_part(["--part", "stage2", "--layout", "three", "--checkpointing", "--steps", steps], args.reuse),
     ]
     results = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "device": "cpu"},
-        "stage1": _run_part(["--part", "stage1", "--captions", str(args.captions)]),
+        "stage1": _run_part(["--part", "stage1", "--captions", str(args.captions)], args.reuse),
         "stage2": stage2,
-        "trajectory_cache": _run_part(["--part", "cache"]),
+        "trajectory_cache": _run_part(["--part", "cache"], args.reuse),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "trce_scale.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -401,7 +412,8 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"Stage 1 prior: {s1['prior_captions']} COCO captions x 77 tokens, built once in "
         f"{s1['prior_build_seconds']} s and cached. Stage 2: lean = one resident UNet with gradient "
-        "checkpointing; reference layout = three resident fp32 UNets (trained, original, stage 1).",
+        "checkpointing; reference layout = three resident fp32 UNets (trained, original, stage 1). Both "
+        "layouts checkpoint activations and call the UNet one sample at a time, so the difference is the layout.",
         "",
     ]
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from conceptedit.engine.attention import apply_kv_edit
 from conceptedit.engine.context import EditContext, RunContext, derive_seed
 from conceptedit.engine.ledger import WeightLedger
-from conceptedit.engine.memory import PeakMemory
+from conceptedit.engine.memory import PeakMemory, release_freed_memory
 from conceptedit.engine.progress import Reporter
 from conceptedit.engine.training import Member, train
 from conceptedit.errors import BackboneError, ConceptEditError, RunDirError
@@ -259,6 +259,7 @@ def _run_item(run: RunContext, index: int, item: Any, resume: bool) -> EditOutco
     for spec in members:
         run.host.pm.hook.conceptedit_before_edit(ctx=run, edit=spec, index=index)
     run.ledger.begin_edit()
+    release_freed_memory()
     started = time.perf_counter()
     with PeakMemory() as memory:
         if resume and done.is_file():

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from conceptedit.engine.context import EditContext, RunContext
+from conceptedit.engine.memory import release_freed_memory
 from conceptedit.errors import TrainingError
 from conceptedit.io.atomic import atomic_dir
 from conceptedit.methods import EditMethod, TrainingConfig
@@ -68,6 +69,7 @@ def train(
     run.ledger.touch(names)
     for member in members:
         member.method.prepare_training(member.ctx)
+    release_freed_memory()
 
     checkpoint_root = run.run_dir / "checkpoints" / _slug(label)
     log_path = run.run_dir / "logs" / f"{_slug(label)}.jsonl"

@@ -144,13 +144,18 @@ def sample_trajectories(ctx: EditContext, request: TrajectoryRequest, label: str
     return result
 
 
-def _guided_noise(ctx: EditContext, latents: Tensor, t: Tensor, cond: Tensor, empty: Tensor, guidance: float) -> Tensor:
+def _guided_noise(
+    ctx: EditContext, latents: Tensor, t: Tensor, cond: Tensor, empty: Tensor, guidance: float
+) -> Tensor:
     batch = latents.shape[0]
     steps = t.reshape(1).expand(batch).to(ctx.device)
     if guidance <= 1.0:
-        return ctx.adapter.predict_noise(latents, steps, cond).float()
-    both = ctx.adapter.predict_noise(
-        torch.cat([latents, latents]), torch.cat([steps, steps]), torch.cat([cond, empty.expand(batch, -1, -1)])
+        return ctx.predict_noise(latents, steps, cond, frozen=True).float()
+    both = ctx.predict_noise(
+        torch.cat([latents, latents]),
+        torch.cat([steps, steps]),
+        torch.cat([cond, empty.expand(batch, -1, -1)]),
+        frozen=True,
     ).float()
     eps_c, eps_0 = both.chunk(2)
     return eps_0 + guidance * (eps_c - eps_0)
