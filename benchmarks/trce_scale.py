@@ -90,7 +90,7 @@ def part_stage1(captions: int) -> dict[str, Any]:
 
     loaded = load_recipe(recipe)
     pairs = expand_concepts(loaded.recipe.concepts["sexual"], None)
-    prior = _cached_prior()  # the very prior conceptedit's run used
+    prior = _cached_prior(captions, pipe.text_encoder.config.hidden_size)  # the prior conceptedit's run used
     with PeakMemory() as ref_mem:
         started = time.perf_counter()
         ref32, ref64 = _reference_stage1(pipe, [(p.source, p.target) for p in pairs], prior, eta=1e-4)
@@ -114,13 +114,20 @@ def part_stage1(captions: int) -> dict[str, Any]:
     }
 
 
-def _cached_prior() -> torch.Tensor:
+def _cached_prior(captions: int, dim: int) -> torch.Tensor:
+    """The prior conceptedit's run cached: ``dim`` wide, built from ``captions`` captions, newest first."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from conceptedit.engine.context import default_cache_dir
 
     files = sorted((default_cache_dir() / "priors").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-    return load_file(str(files[-1]))["prior"]
+    for path in reversed(files):
+        with safe_open(str(path), "pt") as fh:
+            meta, shape = fh.metadata(), fh.get_slice("prior").get_shape()
+        if meta.get("prompts") == str(captions) and shape == [dim, dim]:
+            return load_file(str(path))["prior"]
+    raise SystemExit(f"no cached {dim}x{dim} prior over {captions} captions")
 
 
 def _reference_stage1(
