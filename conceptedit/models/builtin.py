@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from conceptedit.models.tokenizer import load_clip_tokenizer
-from conceptedit.shapes.model import load_shapes
 
 if TYPE_CHECKING:  # diffusers/transformers load on first build: ``import conceptedit`` must stay cheap
     from diffusers import StableDiffusionPipeline
@@ -194,7 +193,5 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         BuiltinModel("tiny-sd", "tiny random SD-1.x (64 px, 3.4M parameters) for tests and dry runs", build_tiny_sd),
         BuiltinModel("sd14-random", "SD-1.4's exact architecture (1.07B parameters) with random weights",
                      build_sd14_random),
-        BuiltinModel("shapes", "SD-1.x architecture (5.3M parameters) trained on a world of coloured shapes",
-                     load_shapes),
     )
 }
