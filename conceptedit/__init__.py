@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from conceptedit.engine.context import EditContext, RunContext
 from conceptedit.engine.encoding import PromptEncoding
+from conceptedit.engine.guards import Guard, installed_guards, suspend_guards
 from conceptedit.engine.kv_solver import KVEdit
 from conceptedit.engine.reload import load, read_manifest
 from conceptedit.engine.runner import apply
@@ -25,9 +26,11 @@ from conceptedit.errors import (
     SingularSystemError,
     TrainingError,
     UnknownMethodError,
+    UnknownSuiteError,
 )
 from conceptedit.hookspecs import hookimpl
 from conceptedit.methods import EditMethod, MethodParams, TrainingConfig
+from conceptedit.models.backbone import BackboneAdapter
 from conceptedit.models.loading import load_model
 from conceptedit.recipe.concepts import PromptPair
 from conceptedit.recipe.loader import load_recipe
@@ -40,6 +43,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BackboneAdapter",
     "BackboneError",
     "ConceptEditError",
     "ConceptRef",
@@ -47,6 +51,7 @@ __all__ = [
     "EditError",
     "EditMethod",
     "EditOutcome",
+    "Guard",
     "KVEdit",
     "MethodParams",
     "ModelLoadError",
@@ -61,11 +66,14 @@ __all__ = [
     "TrainingConfig",
     "TrainingError",
     "UnknownMethodError",
+    "UnknownSuiteError",
     "__version__",
     "apply",
     "hookimpl",
+    "installed_guards",
     "load",
     "load_model",
     "load_recipe",
     "read_manifest",
+    "suspend_guards",
 ]

@@ -63,6 +63,10 @@ class UnknownMethodError(PluginError):
     """A recipe or command named an edit method no installed plugin provides."""
 
 
+class UnknownSuiteError(PluginError):
+    """A recipe or command named a prompt suite no installed plugin provides."""
+
+
 class ModelLoadError(ConceptEditError):
     """A base model could not be found or loaded (bad id, missing folder, unsupported layout)."""
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from conceptedit.models.backbone import BackboneAdapter
     from conceptedit.recipe.schema import EditSpec, Recipe
     from conceptedit.results import EditOutcome, RunResult
+    from conceptedit.suites import PromptSuite
 
 PROJECT_NAME = "conceptedit"
 
@@ -90,6 +91,18 @@ def conceptedit_register_evaluators(register: Callable[[type[Evaluator]], None])
 
     Args:
         register: Adds one evaluator class to the registry.
+    """
+
+
+@hookspec
+def conceptedit_register_suites(register: Callable[[type[PromptSuite]], None]) -> None:
+    """Add prompt suites: what an evaluation generates, which evaluator scores it, its metrics.
+
+    Call ``register(SuiteClass)`` for each :class:`~conceptedit.suites.PromptSuite` subclass;
+    recipes' ``evaluate:`` entries and ``conceptedit eval --suite`` name it by ``name``.
+
+    Args:
+        register: Adds one suite class to the registry.
     """
 
 

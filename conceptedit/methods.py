@@ -11,6 +11,10 @@ that the engine calls in this order for each recipe edit:
 3. :meth:`EditMethod.trainable_parameters` + :meth:`EditMethod.trajectory_loss` --
    **trajectory loss**: loss terms on denoising predictions inside the training loop the
    engine owns (optimiser, accumulation, checkpoints, NaN checks, accelerate).
+4. :meth:`EditMethod.inference_guard` + :meth:`EditMethod.install_guard` -- **inference
+   guard**: for methods that act while sampling (SLD, AdaVD), a serialisable
+   :class:`~conceptedit.Guard` the run saves, and the classmethod that puts it on a pipeline
+   (after the run's weight edits, and again in :func:`conceptedit.load`).
 
 Every hook has a do-nothing default, so a method overrides only what it uses. Built-in
 methods use exactly this API.
@@ -19,7 +23,7 @@ methods use exactly this API.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
@@ -28,7 +32,9 @@ if TYPE_CHECKING:
 
     from conceptedit.engine.context import EditContext
     from conceptedit.engine.encoding import PromptEncoding
+    from conceptedit.engine.guards import Guard
     from conceptedit.engine.kv_solver import KVEdit
+    from conceptedit.models.backbone import BackboneAdapter
 
 MethodKind = Literal["closed_form", "training", "inference_time"]
 
@@ -61,8 +67,15 @@ class TrainingConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     micro_batch: PositiveInt | None = Field(
         None,
-        description="Most samples per denoiser call (None: whole batch). With gradient checkpointing, "
-        "1 keeps activation memory at one sample's worth.",
+        description="Most samples per denoiser call (None: whole batch). Each call's graph is rebuilt in "
+        "backward, one call at a time, so 1 keeps activation memory at one sample's worth (one extra "
+        "forward per call).",
+    )
+    park_idle_modules: bool = Field(
+        True,
+        description="Free the weights of pipeline parts the loop does not train (text encoder, VAE) while it "
+        "runs, from a temporary safetensors file; they come back bit for bit, and on demand if a method "
+        "encodes prompts mid-training.",
     )
     checkpoint_every: PositiveInt | None = Field(
         None, description="Save a resumable checkpoint every N steps (None: only at the end)."
@@ -75,7 +88,8 @@ class EditMethod:
     Class attributes a subclass sets:
         name: What recipes write after ``method:`` (lower case, ``[a-z0-9_]``).
         summary: One line for ``conceptedit methods``.
-        kind: ``closed_form``, ``training`` or ``inference_time``.
+        kind: ``closed_form``, ``training`` or ``inference_time`` (acts while sampling, through
+            :meth:`inference_guard`; changes no weights).
         paper: Citation or URL of the method's paper, if any.
         backbones: Backbone families it supports (``sd1``, ``sd2``, ...).
         Params: Its pydantic parameters (subclass of :class:`MethodParams`).
@@ -129,6 +143,27 @@ class EditMethod:
         ``with ctx.reference_weights(...)``.
         """
         raise NotImplementedError(f"{type(self).__name__} declares no trajectory loss")
+
+    # -- hook point: inference guard --------------------------------------------------
+
+    def inference_guard(self, ctx: EditContext) -> Guard | None:
+        """For methods that act at sampling time: the guard to save in the run folder, or None.
+
+        The engine writes it to ``guards/`` and records it in the manifest; once every weight
+        edit of the run has finished it calls :meth:`install_guard` with what it wrote, as
+        :func:`conceptedit.load` does later, so both pipelines behave the same.
+        """
+        return None
+
+    @classmethod
+    def install_guard(cls, pipeline: Any, guard: Guard, adapter: BackboneAdapter) -> None:
+        """Put a saved guard on ``pipeline`` (attention processors, UNet hooks, ...).
+
+        A classmethod because loading a run has no recipe edit to build a method from: all it
+        may rely on is what :meth:`inference_guard` saved. Wrap what is installed rather than
+        replacing it, so guards and other processors compose.
+        """
+        raise NotImplementedError(f"{cls.__name__} saved a guard but does not implement install_guard")
 
     # -- description ------------------------------------------------------------------
 

@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from conceptedit import hookspecs
-from conceptedit.errors import PluginError, UnknownMethodError
+from conceptedit.errors import PluginError, UnknownMethodError, UnknownSuiteError
 
 if TYPE_CHECKING:
     from conceptedit.evaluators import Evaluator
     from conceptedit.exporters import Exporter
     from conceptedit.methods import EditMethod
     from conceptedit.models.backbone import BackboneAdapter
+    from conceptedit.suites import PromptSuite
 
 ENTRY_POINT_GROUP = "conceptedit"
 #: Engine modules that register engine-level defaults (backbones, exporters) as plugins.
@@ -67,6 +68,7 @@ class Registry:
     backbones: list[type[BackboneAdapter]] = field(default_factory=list)
     exporters: dict[str, Exporter] = field(default_factory=dict)
     evaluators: dict[str, type[Evaluator]] = field(default_factory=dict)
+    suites: dict[str, type[PromptSuite]] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
 
 
@@ -242,6 +244,11 @@ class PluginHost:
             reg.evaluators.update((cls.name, cls) for cls in evaluators or [])
             if evaluators is None:
                 failed.add(impl.plugin_name)
+        for impl in hooks.conceptedit_register_suites.get_hookimpls():
+            suites = self._registrations(impl)
+            reg.suites.update((cls.name, cls) for cls in suites or [])
+            if suites is None:
+                failed.add(impl.plugin_name)
         # later registrations are tried first, so a plugin can take over a built-in family
         reg.backbones.reverse()
         return reg, failed
@@ -281,6 +288,18 @@ class PluginHost:
         if name in methods:
             return methods[name]
         raise UnknownMethodError(self.explain_missing_method(name))
+
+    def suite(self, name: str) -> type[PromptSuite]:
+        suites = self.registry.suites
+        if name in suites:
+            return suites[name]
+        from difflib import get_close_matches
+
+        text = f"no installed plugin provides prompt suite {name!r}"
+        close = get_close_matches(name, list(suites), n=1)
+        text += f"; did you mean {close[0]!r}?" if close else f"; installed: {', '.join(sorted(suites)) or 'none'}"
+        note = self.failure_note()
+        raise UnknownSuiteError(f"{text}; {note}" if note else text)
 
     def explain_missing_method(self, name: str) -> str:
         from difflib import get_close_matches

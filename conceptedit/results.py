@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from conceptedit.evaluation import SuiteResult
 
 
 @dataclass
@@ -51,6 +54,7 @@ class RunResult:
         outcomes: One entry per recipe edit, in order.
         changed: Names of every parameter that differs from the base model.
         manifest: The manifest written to ``run_dir/manifest.json``.
+        evaluation: The recipe's ``evaluate`` suites, scored (also in ``run_dir/metrics.json``).
     """
 
     run_dir: Path | None
@@ -58,3 +62,4 @@ class RunResult:
     outcomes: list[EditOutcome]
     changed: list[str]
     manifest: dict[str, Any]
+    evaluation: list[SuiteResult] = field(default_factory=list)

@@ -11,6 +11,8 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import Result
+from conceptedit_builtin.ca import CaParams
+from conceptedit_builtin.esd import EsdParams
 from conceptedit_builtin.trce_eot import TrceEotParams
 from fake_methods import FakeMethodsPlugin
 from PIL import Image
@@ -106,6 +108,23 @@ def test_methods_lists_every_method_with_its_parameters() -> None:
     assert "ridge" in output and "eot_index" in output  # the parameter tables are printed
 
 
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("uce", "closed_form"), ("rece", "closed_form"), ("sld", "inference_time"), ("adavd", "inference_time")],
+)
+def test_methods_lists_the_peer_methods_with_summary_paper_kind_and_every_parameter(name: str, kind: str) -> None:
+    (info,) = json.loads(_ok(_run("methods", name, "--json")).stdout)
+    params_cls = cli.host().method(name).Params
+    assert info["kind"] == kind and info["plugin"] == name
+    assert info["summary"] and info["paper"]
+    assert [p["name"] for p in info["params"]] == list(params_cls.model_fields)
+    assert all(p["type"] and p["description"] for p in info["params"])
+    output = _ok(_run("methods")).output
+    assert f"{name}  ({kind};" in output and info["summary"] in output and info["paper"] in output
+    for field_name in params_cls.model_fields:
+        assert field_name in output, field_name
+
+
 def test_methods_json_for_one_method_has_every_parameter() -> None:
     data = json.loads(_ok(_run("methods", "trce_eot", "--json")).stdout)
     assert [m["name"] for m in data] == ["trce_eot"]
@@ -125,6 +144,28 @@ def test_methods_json_of_a_training_method_includes_its_training_loop() -> None:
     (info,) = json.loads(_ok(_run("methods", "test_q_steer", "--json")).stdout)
     training = {p["name"]: p["default"] for p in info["training"]}
     assert training["steps"] == 4 and training["lr"] == pytest.approx(1e-3) and "optimizer" in training
+
+
+@pytest.mark.parametrize(
+    ("name", "params_cls", "defaults"),
+    [
+        ("esd", EsdParams, {"steps": 1000, "lr": 1e-5, "optimizer": "adam"}),
+        ("ca", CaParams, {"steps": 200, "lr": 2e-6, "optimizer": "adamw"}),
+    ],
+)
+def test_methods_lists_esd_and_ca_with_summary_paper_and_every_parameter(
+    name: str, params_cls: type, defaults: dict[str, object]
+) -> None:
+    (info,) = json.loads(_ok(_run("methods", name, "--json")).stdout)
+    assert info["kind"] == "training" and info["summary"] and "ICCV 2023" in info["paper"]
+    params = {p["name"]: p for p in info["params"]}
+    assert set(params) == set(params_cls.model_fields)
+    assert all(p["type"] and p["description"] for p in params.values())
+    training = {p["name"]: p["default"] for p in info["training"]}
+    for key, value in defaults.items():
+        assert training[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    text = _ok(_run("methods", name)).output
+    assert info["paper"] in text and all(p in text for p in params)
 
 
 def test_methods_unknown_name_suggests_the_close_one() -> None:

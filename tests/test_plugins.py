@@ -607,3 +607,16 @@ def test_a_host_without_methods_reports_it_instead_of_crashing() -> None:
     with pytest.raises(RecipeError, match="no edit methods are installed") as caught:
         load_recipe(tiny_recipe({"method": "trce_eot", "params": {}}), host=host)
     assert [issue.path for issue in caught.value.issues] == ["edits.0"]
+
+
+def test_built_in_plugins_use_only_the_public_plugin_api() -> None:
+    """Built-ins import what a third party can: conceptedit, its toolkit, suites, evaluators and
+    the shapes world; never the engine's internals."""
+    import ast
+
+    public = {"conceptedit", "conceptedit.toolkit", "conceptedit.suites", "conceptedit.evaluators"}
+    folder = Path(__file__).resolve().parents[1] / "plugins" / "conceptedit_builtin"
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("conceptedit."):
+                assert node.module in public or node.module.startswith("conceptedit.shapes"), (path.name, node.module)

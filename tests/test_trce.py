@@ -139,6 +139,7 @@ class _FakeRun:
 
     def __init__(self, adapter: Any) -> None:
         self.adapter = adapter
+        self.parked = None
 
 
 def test_token_rows_and_legacy_index_change_the_edit(tmp_path: Path) -> None:
@@ -203,6 +204,33 @@ def test_micro_batches_give_the_same_training(tmp_path: Path) -> None:
     assert sorted(a) == sorted(b) == whole.changed == lean.changed
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=2e-5)  # Adam steps of ~3e-4 each
+
+
+def test_micro_batches_keep_one_graph_at_a_time(tmp_path: Path) -> None:
+    """With micro_batch 1 the trained model sees one sample per call: run without a graph first,
+    and again with one in backward, never a whole batch with a graph."""
+    calls: list[tuple[int, bool]] = []
+
+    def counting(pipe: Any) -> Any:
+        real = pipe.unet.forward
+
+        def forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            calls.append((sample.shape[0], torch.is_grad_enabled()))
+            return real(sample, *args, **kwargs)
+
+        pipe.unet.forward = forward
+        return pipe
+
+    steps = 2
+    lean = _stage2(micro_batch=1, steps=steps)
+    conceptedit.apply(_recipe(lean), pipeline=counting(build_tiny_sd()), out=tmp_path / "lean", quiet=True)
+    with_graph = [size for size, grad in calls if grad]
+    trained_per_step = 2 + lean["params"]["regularization_batch"]  # cond + uncond anchors, regulariser latents
+    assert with_graph == [1] * trained_per_step * steps, calls
+    calls.clear()
+    conceptedit.apply(_recipe(_stage2(steps=steps)), pipeline=counting(build_tiny_sd()), out=tmp_path / "whole",
+                      quiet=True)
+    assert [size for size, grad in calls if grad] == [trained_per_step] * steps
 
 
 def test_trajectories_are_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ import platform
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -234,6 +235,7 @@ def apply_cmd(
                     "changed": result.changed,
                     "edits": [o.as_dict() for o in result.outcomes],
                     "dry_run": dry_run,
+                    "evaluation": [asdict(r) for r in result.evaluation],
                     **({"plan": result.manifest} if dry_run else {}),
                 },
                 indent=2,
@@ -260,6 +262,10 @@ def apply_cmd(
         )
     out.print(table)
     out.print(f"{len(result.changed)} tensors differ from the base model; saved to {result.run_dir}")
+    if result.evaluation:
+        from conceptedit.evaluation import print_results
+
+        print_results(result.evaluation, out)
 
 
 # --------------------------------------------------------------------------- generate / env

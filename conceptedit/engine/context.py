@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from conceptedit.engine.encoding import PromptEncoding
 from conceptedit.engine.ledger import WeightLedger
+from conceptedit.engine.memory import ParkedModules
 from conceptedit.engine.progress import Reporter
 from conceptedit.errors import EditError
 from conceptedit.models.backbone import BackboneAdapter, CrossAttentionLayer
@@ -68,6 +70,7 @@ class RunContext:
     base_fingerprint: str = ""
     process_index: int | None = None
     training_modules: dict[str, nn.Module] = field(default_factory=dict)
+    parked: ParkedModules | None = None
 
     @property
     def recipe(self) -> Any:
@@ -123,6 +126,8 @@ class EditContext:
         so every row up to a prompt's first [EoT] is identical to the 77-token encoding, at a
         fraction of the cost. Use ``full`` when you need padding rows.
         """
+        if self.run.parked is not None:  # a training loop parked the text encoder; it is needed after all
+            self.run.parked.restore()
         return self.adapter.encode_prompts(prompts, length=length)
 
     def concept_pairs(self, ref: str | ConceptSet) -> list[PromptPair]:
@@ -148,17 +153,30 @@ class EditContext:
         Inside training it runs the model being trained (through accelerate's wrapper), or with
         ``frozen=True`` the plain module, for reference passes under ``reference_weights``. When
         the training loop sets ``micro_batch``, the batch is split into calls of at most that
-        many samples: with gradient checkpointing, activation memory then scales with the
-        micro-batch instead of the batch.
+        many samples; under autograd each call keeps only its inputs and is run again with
+        gradients during the backward pass, one call at a time, so activation memory is one
+        micro-batch's worth however large the batch, for one extra forward per call. Gradient
+        checkpointing then shrinks that one call's activations further.
         """
         unet = None if frozen else self.run.training_modules.get("unet")
         size = getattr(self.training, "micro_batch", None) or latents.shape[0]
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
-        outputs = [
-            self.adapter.predict_noise(latents[i : i + size], timesteps[i : i + size], hidden[i : i + size], unet=unet)
-            for i in range(0, latents.shape[0], size)
-        ]
+        recompute = len(range(0, latents.shape[0], size)) > 1 and torch.is_grad_enabled() and unet is not None
+
+        def call(_anchor: Tensor | None, x: Tensor, t: Tensor, h: Tensor) -> Tensor:
+            return self.adapter.predict_noise(x, t, h, unet=unet)
+
+        outputs = []
+        for i in range(0, latents.shape[0], size):
+            chunk = (latents[i : i + size], timesteps[i : i + size], hidden[i : i + size])
+            if recompute:
+                # Reentrant checkpointing runs the call without a graph and redoes it in backward;
+                # the anchor (an input that requires grad) makes the output part of the graph.
+                anchor = torch.zeros((), requires_grad=True)
+                outputs.append(checkpoint(call, anchor, *chunk, use_reentrant=True))
+            else:
+                outputs.append(call(None, *chunk))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     @contextmanager

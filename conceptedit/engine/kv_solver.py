@@ -150,3 +150,41 @@ class KVSolver:
             rhs = values.T @ self._weighted_keys + w @ self._keep
             new = torch.cholesky_solve(rhs.T, self._chol).T
         return new.to(weight.dtype)
+
+
+def matching_inputs(current: Sequence[Tensor], original: Sequence[Tensor], inputs: Tensor, reg: float) -> Tensor:
+    """Embeddings that make the *current* projections reproduce what the *original* ones made of ``inputs``.
+
+    For each row ``c`` of ``inputs`` it returns
+
+        c' = argmin_x  Σ_l ||W'_l x − W_l c||²  +  reg ||x||²  =  (Σ W'ᵀW' + reg I)⁻¹ (Σ W'ᵀ W) c,
+
+    summed over the pairs ``(W'_l, W_l)`` of ``current`` and ``original``. After an erasure
+    edit this is the closed-form adversarial embedding of RECE: an input that still brings the
+    erased concept's keys and values back. One ``D x D`` Cholesky factorisation in float64
+    serves every row.
+    """
+    if len(current) != len(original) or not current:
+        raise EditError(f"need matching, non-empty weight lists, got {len(current)} current and {len(original)}")
+    if reg < 0:
+        raise EditError(f"reg must be >= 0, got {reg}")
+    f64 = torch.float64
+    dim = current[0].shape[1]
+    gram = reg * torch.eye(dim, dtype=f64)
+    cross = torch.zeros(dim, dim, dtype=f64)
+    for new, old in zip(current, original, strict=True):
+        if new.shape != old.shape or new.shape[1] != dim:
+            raise EditError(f"weights must all be [d_out, {dim}] in pairs of equal shape, got {tuple(new.shape)}")
+        w_new = new.detach().to("cpu", f64)
+        gram += w_new.T @ w_new
+        cross += w_new.T @ old.detach().to("cpu", f64)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    pivots = chol.diagonal() ** 2 if info.item() == 0 else None
+    if pivots is None or pivots.min() <= RCOND * pivots.max():
+        raise SingularSystemError(
+            f"the {dim}x{dim} system for matching inputs is singular; the projections do not pin down every "
+            "input direction. Use reg > 0."
+        )
+    rows = inputs.detach().to("cpu", f64).reshape(-1, dim)
+    solved = torch.cholesky_solve(cross @ rows.T, chol).T
+    return solved.reshape(inputs.shape).to(inputs.dtype)

@@ -1,4 +1,4 @@
-"""``load``: put a saved edit into a freshly loaded base pipeline."""
+"""``load``: put a saved edit into a freshly loaded base pipeline (weights, then guards)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from conceptedit.engine.guards import install_guards
 from conceptedit.engine.ledger import tensor_digest
 from conceptedit.errors import RunDirError
 from conceptedit.io.edit_file import EDIT_FILE, read_edit
@@ -24,7 +25,11 @@ def load(pipeline: Any, run_dir: str | Path, *, check_base: bool = True, host: P
         run_dir: A finished run folder (it has ``manifest.json`` and ``edit.safetensors``).
         check_base: Refuse when a tensor the edit replaces differs from the base it was made
             from -- the sign of loading into the wrong model or loading twice.
-        host: Plugin host (for backbone adapters).
+        host: Plugin host (for backbone adapters, and the methods that install guards).
+
+    Inference-time edits (``guards`` in the manifest) are installed after the weights, in
+    recipe order, by the methods that saved them, so the plugin that made the run must be
+    installed here too.
     """
     folder = Path(run_dir)
     if not (folder / MANIFEST_FILE).is_file():
@@ -35,7 +40,8 @@ def load(pipeline: Any, run_dir: str | Path, *, check_base: bool = True, host: P
         )
         raise RunDirError(f"{folder} is not a finished conceptedit run folder: no {MANIFEST_FILE}{hint}")
     tensors, meta = read_edit(folder / EDIT_FILE)
-    adapter = resolve_backbone(pipeline, (host or get_host()).registry.backbones)
+    host = host or get_host()
+    adapter = resolve_backbone(pipeline, host.registry.backbones)
     base_model = meta.get("base_model", {}).get("id", "?")
     digests = meta.get("base_digests", {})
     params = {}
@@ -65,6 +71,15 @@ def load(pipeline: Any, run_dir: str | Path, *, check_base: bool = True, host: P
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name].to(param.device, param.dtype))
+    guards = read_manifest(folder).get("guards", [])
+    install_guards(
+        pipeline,
+        folder,
+        [g["file"] for g in guards],
+        host=host,
+        adapter=adapter,
+        digests=[g.get("digest") for g in guards],
+    )
     return pipeline
 
 

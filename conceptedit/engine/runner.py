@@ -2,9 +2,11 @@
 
 Order of work: validate the recipe (loading the plugins it names), pick the output folder,
 load the base model, check every method supports its backbone, then for each edit in recipe
-order call its hook points -- attention edits first, then training -- and finally write
-``edit.safetensors``, the exporters' formats and ``manifest.json`` into a staging folder that
-becomes the run folder in one rename. A run that fails leaves nothing that looks finished.
+order call its hook points -- attention edits first, then training, then the inference guard
+(saved to ``guards/``) -- install the saved guards on the pipeline once every weight edit is
+done, and finally write ``edit.safetensors``, the exporters' formats and ``manifest.json`` into
+a staging folder that becomes the run folder in one rename. A run that fails leaves nothing
+that looks finished.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,11 +30,20 @@ from safetensors.torch import load_file, save_file
 
 from conceptedit.engine.attention import apply_kv_edit
 from conceptedit.engine.context import EditContext, RunContext, derive_seed
+from conceptedit.engine.guards import (
+    GUARDS_DIR,
+    guard_file_name,
+    install_guards,
+    saved_guard_files,
+    suspend_guards,
+    write_guard,
+)
 from conceptedit.engine.ledger import WeightLedger
 from conceptedit.engine.memory import PeakMemory, release_freed_memory
 from conceptedit.engine.progress import Reporter
 from conceptedit.engine.training import Member, train
 from conceptedit.errors import BackboneError, ConceptEditError, RunDirError
+from conceptedit.evaluation import evaluate, write_metrics
 from conceptedit.io.atomic import atomic_write_text, publish_dir
 from conceptedit.io.edit_file import EDIT_FILE, save_edit
 from conceptedit.io.manifest import MANIFEST_FILE, build_manifest
@@ -173,7 +186,23 @@ def apply(
     try:
         outcomes = [_run_item(run, index, item, resume) for index, item in enumerate(recipe_model.edits)]
         changed = run.ledger.changed()
-        manifest = _write_run(run, base, outcomes, changed, started) if state.is_main_process else {}
+        # Guards go on only now, from the files just written: no later edit trains through them,
+        # and the returned pipeline is exactly what conceptedit.load rebuilds from the folder.
+        guards = install_guards(
+            run.pipeline,
+            staging,
+            [f"{GUARDS_DIR}/{path.name}" for path in saved_guard_files(staging)],
+            host=host,
+            adapter=adapter,
+        )
+        evaluation = []
+        if recipe_model.evaluate and state.is_main_process:
+            evaluation = evaluate(
+                run.pipeline, recipe_model.evaluate, host=host, base_weights=lambda: _base_model(run),
+                reporter=run.reporter,
+            )
+            write_metrics(staging / "metrics.json", evaluation)
+        manifest = _write_run(run, base, outcomes, changed, started, guards) if state.is_main_process else {}
         state.wait_for_everyone()
         if state.is_main_process:
             publish_dir(staging, the_plan.run_dir, overwrite=recipe_model.output.overwrite or resume)
@@ -183,13 +212,25 @@ def apply(
         if not any((staging / "checkpoints").glob("*/step-*")):
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    result = RunResult(the_plan.run_dir, base.pipeline, outcomes, sorted(changed), manifest)
+    result = RunResult(the_plan.run_dir, base.pipeline, outcomes, sorted(changed), manifest, evaluation)
     host.pm.hook.conceptedit_after_run(ctx=run, result=result)
     return result
 
 
+@contextmanager
+def _base_model(run: RunContext) -> Iterator[None]:
+    """The model as it was before the run: base weights swapped in, guards passing through."""
+    with run.ledger.reference("base"), suspend_guards(run.pipeline):
+        yield
+
+
 def _write_run(
-    run: RunContext, base: LoadedModel, outcomes: list[EditOutcome], changed: dict[str, torch.Tensor], started: str
+    run: RunContext,
+    base: LoadedModel,
+    outcomes: list[EditOutcome],
+    changed: dict[str, torch.Tensor],
+    started: str,
+    guards: list[dict[str, str]],
 ) -> dict[str, Any]:
     """Write the edit file, the exporters' formats and (last) the manifest into the staging folder."""
     loaded, recipe = run.loaded, run.loaded.recipe
@@ -218,6 +259,7 @@ def _write_run(
         started=started,
         finished=_now(),
     )
+    manifest["guards"] = guards  # installed by conceptedit.load, in this order
     atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -291,6 +333,7 @@ def _execute(
 ) -> tuple[list[str], dict[str, Any]]:
     contexts = []
     changed: list[str] = []
+    guard_files: list[str] = []
     for k, spec in enumerate(members):
         method = spec.build()
         parts = (index, k) if run.process_index is None else (index, k, "process", run.process_index)
@@ -298,8 +341,13 @@ def _execute(
         ctx = EditContext(run=run, edit=spec, index=index, method=method, generator=generator)
         for kv_edit in method.attention_edits(ctx):
             changed += apply_kv_edit(ctx, kv_edit)
+        guard = method.inference_guard(ctx)
+        if guard is not None:
+            name = guard_file_name(index, spec.label)
+            write_guard(run.run_dir / GUARDS_DIR / name, method=method.name, label=spec.label, guard=guard)
+            guard_files.append(f"{GUARDS_DIR}/{name}")
         contexts.append(ctx)
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"guards": guard_files} if guard_files else {}
     trainers = [ctx for ctx in contexts if ctx.method.kind == "training"]
     if trainers:
         config = item.training if isinstance(item, GroupBase) else trainers[0].edit.training
@@ -313,7 +361,7 @@ def _execute(
             resume=resume,
         )
         changed += report.trained
-        details = {
+        details |= {
             "steps": report.steps,
             "resumed_from_step": report.resumed_from,
             "last_losses": report.last_losses,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from conceptedit.engine.context import EditContext, RunContext
-from conceptedit.engine.memory import release_freed_memory
+from conceptedit.engine.memory import ParkedModules, map_large_allocations, release_freed_memory
 from conceptedit.errors import TrainingError
 from conceptedit.io.atomic import atomic_dir
 from conceptedit.methods import EditMethod, TrainingConfig
@@ -67,6 +67,7 @@ def train(
             params[name] = adapter.get_parameter(name)
     names = sorted(params)
     run.ledger.touch(names)
+    map_large_allocations()
     for member in members:
         member.method.prepare_training(member.ctx)
     release_freed_memory()
@@ -76,7 +77,14 @@ def train(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     components = sorted({name.split(".", 1)[0] for name in names})
 
-    with _only_these_train(adapter.components(), params.values(), config.gradient_checkpointing):
+    idle = {}
+    if config.park_idle_modules:
+        pipeline_modules = getattr(run.pipeline, "components", {})
+        idle = {k: m for k, m in pipeline_modules.items() if isinstance(m, nn.Module) and k not in components}
+    with ParkedModules(idle) as parked, _only_these_train(
+        adapter.components(), params.values(), config.gradient_checkpointing
+    ):
+        run.parked = parked
         accelerator = Accelerator(cpu=run.device.type == "cpu", mixed_precision=config.mixed_precision)
         optimizer = _optimizer(config, [params[n] for n in names])
         modules = {c: adapter.components()[c] for c in components}
@@ -107,6 +115,7 @@ def train(
                         accelerator.wait_for_everyone()
         finally:
             run.training_modules = {}
+            run.parked = None
             accelerator.free_memory()
     return TrainingReport(config.steps, start, names, last, log_path)
 

@@ -9,13 +9,19 @@ last step any kept latent needs, and trajectories nobody reads are never sampled
 
 The result is cached as safetensors, keyed by the model, prompts, seeds, sampler settings and
 the requested pairs, so a second run with the same recipe and seed samples nothing.
+
+:func:`ddim_walk` is the one sampler: the cache uses it with frozen weights, and methods that
+sample with the model being trained (ESD's paper setting) call :func:`partial_ddim` directly.
+:class:`PlannedLatents` pairs a training plan (:mod:`conceptedit.engine.schedules`) with the
+latents it reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +29,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from conceptedit.engine.context import EditContext
+from conceptedit.engine.schedules import needed_steps
 from conceptedit.io.atomic import atomic_write_bytes
 
 
@@ -33,7 +40,8 @@ class TrajectoryRequest:
     Attributes:
         prompts: One prompt per trajectory ("" for unconditional ones).
         seeds: One initial-noise seed per trajectory.
-        needed: For each trajectory index, the DDIM step indices whose input latent is kept.
+        needed: For each trajectory index, the DDIM step indices whose input latent is kept
+            (``steps`` itself keeps the finished latent, paired with timestep 0).
         guidance: Classifier-free guidance scale of the sampler (1 or less: conditional only).
         steps: DDIM steps of a full trajectory.
         weights: Which model samples: ``base`` (before the run) or ``edit_start``.
@@ -95,6 +103,13 @@ def _cache_key(ctx: EditContext, request: TrajectoryRequest, shape: tuple[int, .
 def sample_trajectories(ctx: EditContext, request: TrajectoryRequest, label: str) -> TrajectoryLatents:
     """The requested latents, from the cache or by sampling (with a progress bar)."""
     shape = ctx.adapter.latent_shape(1)[1:]
+    for j, steps in request.needed.items():
+        bad = [int(k) for k in steps if not 0 <= int(k) <= request.steps]
+        if bad:
+            raise ValueError(
+                f"{label} trajectory {j}: step indices {bad} are outside 0..{request.steps} "
+                f"(a {request.steps}-step run; {request.steps} is the finished latent)"
+            )
     path = ctx.cache_path("trajectories", _cache_key(ctx, request, tuple(shape)))
     if path.is_file():
         data = load_file(str(path))
@@ -114,34 +129,101 @@ def sample_trajectories(ctx: EditContext, request: TrajectoryRequest, label: str
         for batch in batches:
             prompts = [request.prompts[j] for j in batch]
             cond = ctx.encode_prompts(prompts).hidden
-            latents = torch.stack(
-                [torch.randn(shape, generator=torch.Generator().manual_seed(int(request.seeds[j]))) for j in batch]
-            ).to(ctx.device)
-            scheduler = _scheduler(ctx, request.steps)
-            latents = latents * scheduler.init_noise_sigma
+            noise = seeded_noise(shape, [request.seeds[j] for j in batch]).to(ctx.device)
             last = max(max(request.needed[j]) for j in batch)
-            for k in range(last + 1):
+            for k, latents in ddim_walk(ctx, noise, cond, empty, request.guidance, request.steps, last):
                 for row, j in enumerate(batch):
                     if k in request.needed[j]:
                         kept_latents.append(latents[row].to("cpu", torch.float16))
                         kept_index.append((j, k))
-                if k == last:
-                    bar.advance()
-                    break
-                t = timesteps[k]
-                eps = _guided_noise(ctx, latents, t, cond, empty, request.guidance)
-                latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
                 bar.advance()
     index = torch.tensor(kept_index, dtype=torch.long).reshape(-1, 2)
+    # A finished latent (step index == steps) has left the schedule: it is paired with t = 0.
+    with_final = torch.cat([timesteps, timesteps.new_zeros(1)])
     result = TrajectoryLatents(
         latents=torch.stack(kept_latents) if kept_latents else torch.zeros(0, *shape, dtype=torch.float16),
-        timesteps=timesteps[index[:, 1]].long() if len(index) else torch.zeros(0, dtype=torch.long),
+        timesteps=with_final[index[:, 1]].long() if len(index) else torch.zeros(0, dtype=torch.long),
         index=index,
         sampled=True,
     )
     tensors = {"latents": result.latents, "timesteps": result.timesteps, "index": result.index}
     atomic_write_bytes(path, save(tensors, metadata={"label": label, "trajectories": str(len(wanted))}))
     return result
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
+    """One standard-normal latent per seed, each from its own CPU generator (device independent)."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def ddim_walk(
+    ctx: EditContext, noise: Tensor, cond: Tensor, empty: Tensor, guidance: float, steps: int, last: int
+) -> Iterator[tuple[int, Tensor]]:
+    """Deterministic DDIM (η = 0) from ``noise``: yields ``(k, latents before step k)`` for k = 0..last.
+
+    It runs whatever weights the model holds when each step is taken (wrap it in
+    ``ctx.reference_weights`` for a frozen reference) and needs ``torch.no_grad()``. ``last``
+    may equal ``steps``: the finished latent. The one sampler behind cached trajectories and
+    methods that sample with the model being trained.
+    """
+    scheduler = _scheduler(ctx, steps)
+    timesteps = scheduler.timesteps
+    latents = noise * scheduler.init_noise_sigma
+    for k in range(last + 1):
+        yield k, latents
+        if k == last:
+            return
+        t = timesteps[k]
+        eps = _guided_noise(ctx, latents, t, cond, empty, guidance)
+        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+
+
+def partial_ddim(
+    ctx: EditContext, noise: Tensor, cond: Tensor, empty: Tensor, guidance: float, steps: int, stop: int
+) -> Tensor:
+    """The latents after ``stop`` DDIM steps from ``noise``, with the weights the model holds now (no cache)."""
+    with torch.no_grad():
+        ((_, latents),) = deque(ddim_walk(ctx, noise, cond, empty, guidance, steps, stop), maxlen=1)
+    return latents
+
+
+@dataclass
+class PlannedLatents:
+    """A latent source: a training plan of (trajectory, step) pairs and the latents it reads.
+
+    ``plan`` is ``[draws, 2]`` (one latent per draw) or ``[draws, n, 2]`` (n per draw).
+    """
+
+    plan: Tensor
+    kept: TrajectoryLatents
+
+    def __post_init__(self) -> None:
+        self._rows = self.kept.lookup()
+
+    def take(self, draw: int, device: torch.device) -> tuple[Tensor, Tensor, list[int]]:
+        """Latents (float32), their own timesteps and trajectory indices for one draw."""
+        pairs = self.plan[draw].reshape(-1, 2).tolist()
+        rows = [self._rows[(j, k)] for j, k in pairs]
+        latents = self.kept.latents[rows].to(device, torch.float32)
+        return latents, self.kept.timesteps[rows].to(device), [j for j, _ in pairs]
+
+
+def sample_planned(
+    ctx: EditContext,
+    plan: Tensor,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    guidance: float,
+    steps: int,
+    weights: str,
+    label: str,
+) -> PlannedLatents:
+    """Sample (or read from the cache) exactly the latents ``plan`` reads; see :func:`sample_trajectories`."""
+    request = TrajectoryRequest(
+        prompts=prompts, seeds=seeds, needed=needed_steps(plan), guidance=guidance, steps=steps, weights=weights
+    )
+    return PlannedLatents(plan, sample_trajectories(ctx, request, label))
 
 
 def _guided_noise(

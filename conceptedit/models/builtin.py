@@ -178,6 +178,12 @@ def build_sd14_random(seed: int = 0, dtype: torch.dtype = torch.float32,
     return assemble_pipeline(sd14_random_components(device, seed), dtype)
 
 
+def _load_shapes() -> StableDiffusionPipeline:
+    from conceptedit.shapes.model import load_shapes  # the shapes package imports this module
+
+    return load_shapes()
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     """A model reachable as ``builtin:NAME``."""
@@ -193,5 +199,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         BuiltinModel("tiny-sd", "tiny random SD-1.x (64 px, 3.4M parameters) for tests and dry runs", build_tiny_sd),
         BuiltinModel("sd14-random", "SD-1.4's exact architecture (1.07B parameters) with random weights",
                      build_sd14_random),
+        BuiltinModel("shapes", "SD-1.x architecture trained on coloured shapes (32 px): knows colours and shapes, "
+                     "by name and implicitly; the default for measuring erasure offline", _load_shapes),
     )
 }

@@ -551,6 +551,7 @@ def _cross_checks(
                 issues.extend(_check_refs(member, prefix, known_sets, lines))
         else:
             issues.extend(_check_refs(item, f"edits.{i}", known_sets, lines))
+    issues.extend(_check_suites(recipe, host, lines))
     exporters = host.registry.exporters
     for k, fmt in enumerate(recipe.output.formats):
         if fmt not in exporters:
@@ -584,4 +585,34 @@ def _check_refs(edit: Any, prefix: str, known: list[str], lines: _LineIndex) -> 
                     else ("define it under `concepts:`" + (f" (have: {', '.join(known)})" if known else ""))
                 )
                 issues.append(RecipeIssue(path, f"no concept set named {ref!r}", lines.line(path), hint))
+    return issues
+
+
+def _check_suites(recipe: RecipeBase, host: PluginHost, lines: _LineIndex) -> list[RecipeIssue]:
+    """Every ``evaluate`` entry names an installed suite and gives it valid options."""
+    issues: list[RecipeIssue] = []
+    suites = host.registry.suites
+    for k, spec in enumerate(recipe.evaluate):
+        path = f"evaluate.{k}"
+        cls = suites.get(spec.suite)
+        if cls is None:
+            close = get_close_matches(spec.suite, list(suites), n=1)
+            hint = (f"did you mean {close[0]!r}? " if close else "") + "known: " + ", ".join(sorted(suites))
+            issues.append(
+                RecipeIssue(f"{path}.suite", f"unknown prompt suite {spec.suite!r}", lines.line(f"{path}.suite"), hint)
+            )
+            continue
+        try:
+            cls.Options.model_validate(spec.options)
+        except ValidationError as exc:
+            for error in exc.errors():
+                where = ".".join(str(x) for x in (path, "options", *error["loc"]))
+                issues.append(
+                    RecipeIssue(
+                        where,
+                        error["msg"],
+                        lines.line(where) or lines.line(f"{path}.options"),
+                        f"options of {spec.suite}: {', '.join(cls.Options.model_fields)}",
+                    )
+                )
     return issues

@@ -121,6 +121,20 @@ class OutputSpec(Strict):
     overwrite: bool = Field(False, description="Replace an existing run folder.")
 
 
+class EvaluateSpec(Strict):
+    """One evaluation run at the end of the recipe: a prompt suite, generated and scored."""
+
+    suite: str = Field(description="Prompt suite name (`conceptedit suites` lists them).")
+    options: dict[str, Any] = Field({}, description="The suite's options (e.g. `target: red`).")
+    limit: PositiveInt | None = Field(None, description="Use only the first N prompts of the suite.")
+    steps: PositiveInt = Field(25, description="Sampling steps (the pipeline's scheduler).")
+    guidance: PositiveFloat | None = Field(
+        None, description="CFG scale; None uses each prompt's own when the suite has one, else 7.5."
+    )
+    compare_base: bool = Field(True, description="Also score the base model on the same prompts and seeds.")
+    batch_size: PositiveInt = Field(16, description="Images per pipeline call.")
+
+
 class EditBase(Strict):
     """Fields every edit has, whatever its method."""
 
@@ -164,6 +178,7 @@ class RecipeBase(Strict):
     plugins: list[str] = Field([], description="Plugin files or folders to load, relative to the recipe.")
     concepts: dict[str, ConceptSet] = Field({}, description="Named concept sets the edits refer to.")
     output: OutputSpec = Field(default_factory=OutputSpec)
+    evaluate: list[EvaluateSpec] = Field([], description="Suites to evaluate once the edits are done.")
 
     @field_validator("model", mode="before")
     @classmethod

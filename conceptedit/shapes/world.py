@@ -107,6 +107,10 @@ ERASE_NAMES: dict[str, tuple[str, ...]] = {name: c.erase_names for name, c in CO
 SIZES = ("small", "large")
 POSITIONS = ("centre", "left", "right", "top", "bottom")
 BACKGROUNDS = ("light", "dark")
+#: Every attribute a caption can state, with its values.
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "colour": COLOUR_NAMES, "shape": SHAPE_NAMES, "size": SIZES, "position": POSITIONS, "background": BACKGROUNDS,
+}
 
 _SIZE_WORDS = {"small": ("small", "tiny"), "large": ("large", "big")}
 _POSITION_WORDS = {
@@ -203,14 +207,25 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def describe(scene: Scene, rng: np.random.Generator) -> str:
+@dataclass(frozen=True)
+class Caption:
+    """A caption and the attributes it states (``colour``, ``shape``, ``size``, ``position``,
+    ``background`` → value); what it leaves out is absent, and unknowable from the text."""
+
+    text: str
+    said: dict[str, str]
+
+
+def describe(scene: Scene, rng: np.random.Generator) -> Caption:
     """A random caption of ``scene``: each concept named explicitly (40%) or by one of its implicit
     phrasings, rarely left out; size, position and background mentioned some of the time."""
     colour, shape = CONCEPTS[scene.colour], CONCEPTS[scene.shape]
     pre: list[str] = []
     post: list[str] = []
+    said = {"colour": scene.colour, "shape": scene.shape}
     if rng.random() < 0.5:
         pre.append(_pick(rng, _SIZE_WORDS[scene.size]))
+        said["size"] = scene.size
     c_mode = rng.choice(4, p=(0.4, 0.25, 0.3, 0.05))  # explicit, implicit word, implicit phrase, omitted
     if c_mode == 0:
         pre.append(colour.name)
@@ -218,6 +233,8 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
         pre.append(_pick(rng, colour.pre))
     elif c_mode == 2:
         post.append(_pick(rng, colour.post))
+    else:
+        del said["colour"]
     s_mode = rng.choice(5, p=(0.4, 0.2, 0.15, 0.2, 0.05))  # explicit, implicit noun, adjective, phrase, omitted
     noun = "shape"
     if s_mode == 0:
@@ -228,20 +245,30 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
         pre.append(_pick(rng, shape.pre))
     elif s_mode == 3:
         post.insert(0, _pick(rng, shape.post))
+    else:
+        del said["shape"]
     if rng.random() < 0.5:
         post.append(_pick(rng, _POSITION_WORDS[scene.position]))
+        said["position"] = scene.position
     if rng.random() < (0.9 if scene.background == "dark" else 0.3):
         post.append(_pick(rng, _BACKGROUND_WORDS[scene.background]))
+        said["background"] = scene.background
     text = _article(" ".join([*pre, noun]))
     if post:
         text += " " + ", ".join(post)
     if rng.random() < 0.15:
         text = _pick(rng, _PREFIXES) + text
-    return text
+    return Caption(text, said)
 
 
 def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[rng.integers(len(options))]
+
+
+def captions(n: int, seed: int = 0) -> list[str]:
+    """``n`` training-style captions of random scenes: a preservation prior's caption set."""
+    rng = np.random.default_rng(seed)
+    return [describe(sample_scene(rng), rng).text for _ in range(n)]
 
 
 def explicit_prompts() -> list[Prompt]:

@@ -26,8 +26,7 @@ import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
 from conceptedit import ConceptRef, EditContext, EditMethod, KVEdit, MethodParams, PromptEncoding, hookimpl
-from conceptedit.data.prompt_files import read_prompts, resolve_prompt_file
-from conceptedit.engine.priors import embedding_prior
+from conceptedit.toolkit import embedding_prior, read_prompts, resolve_prompt_file
 
 #: Largest index a legacy word count may reach (SD's 77-token context).
 _LAST = 76

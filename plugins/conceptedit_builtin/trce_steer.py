@@ -28,9 +28,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor
 
 from conceptedit import ConceptRef, EditContext, EditMethod, MethodParams, TrainingConfig, hookimpl
-from conceptedit.engine.context import derive_seed
-from conceptedit.engine.selectors import select_parameters
-from conceptedit.engine.trajectories import TrajectoryRequest, ddim_timesteps, sample_trajectories
+from conceptedit.toolkit import DrawCounter, ddim_timesteps, derive_seed, draw_pairs, sample_planned, select_parameters
 
 
 class TrceSteerParams(MethodParams):
@@ -84,82 +82,44 @@ class TrceSteer(EditMethod):
         if early == 0:
             raise ValueError(f"no DDIM step has t >= {p.min_timestep}")
         # Draw the whole training schedule now, so only the latents it reads are ever sampled.
-        self._accum = int(ctx.training.grad_accum)
-        draws = ctx.training.steps * self._accum
+        self._draw = DrawCounter(ctx.training.grad_accum)
+        draws = ctx.training.steps * self._draw.grad_accum
         runs = n * p.trajectories_per_concept
         g = ctx.generator
-        self.mal_plan = list(
-            zip(
-                torch.randint(0, runs, (draws,), generator=g).tolist(),
-                torch.randint(0, early, (draws,), generator=g).tolist(),
-                strict=True,
-            )
+        mal_plan = draw_pairs(g, draws, runs, early)
+        reg_plan = draw_pairs(g, draws, p.unconditional_trajectories, p.sampling_steps, per_draw=p.regularization_batch)
+        self.mal = sample_planned(
+            ctx,
+            mal_plan,
+            [fill("{}", pairs[j // p.trajectories_per_concept][0]) for j in range(runs)],
+            [derive_seed(ctx.run.seed, ctx.index, "trce_steer", "malicious", j) for j in range(runs)],
+            guidance=p.trajectory_guidance,
+            steps=p.sampling_steps,
+            weights="base",
+            label="malicious",
         )
-        self.reg_plan = torch.stack(
+        self.reg = sample_planned(
+            ctx,
+            reg_plan,
+            [""] * p.unconditional_trajectories,
             [
-                torch.randint(0, p.unconditional_trajectories, (draws, p.regularization_batch), generator=g),
-                torch.randint(0, p.sampling_steps, (draws, p.regularization_batch), generator=g),
+                derive_seed(ctx.run.seed, ctx.index, "trce_steer", "unconditional", u)
+                for u in range(p.unconditional_trajectories)
             ],
-            dim=-1,
-        ).tolist()
-        seeds = [derive_seed(ctx.run.seed, ctx.index, "trce_steer", "malicious", j) for j in range(runs)]
-        needed: dict[int, set[int]] = {}
-        for j, k in self.mal_plan:
-            needed.setdefault(j, set()).add(k)
-        self.mal = sample_trajectories(
-            ctx,
-            TrajectoryRequest(
-                prompts=[fill("{}", pairs[j // p.trajectories_per_concept][0]) for j in range(runs)],
-                seeds=seeds,
-                needed={j: sorted(v) for j, v in needed.items()},
-                guidance=p.trajectory_guidance,
-                steps=p.sampling_steps,
-                weights="base",
-            ),
-            "malicious",
+            guidance=1.0,
+            steps=p.sampling_steps,
+            weights="base",
+            label="unconditional",
         )
-        needed = {}
-        for row in self.reg_plan:
-            for u, k in row:
-                needed.setdefault(u, set()).add(k)
-        seeds = [
-            derive_seed(ctx.run.seed, ctx.index, "trce_steer", "unconditional", u)
-            for u in range(p.unconditional_trajectories)
-        ]
-        self.reg = sample_trajectories(
-            ctx,
-            TrajectoryRequest(
-                prompts=[""] * p.unconditional_trajectories,
-                seeds=seeds,
-                needed={u: sorted(v) for u, v in needed.items()},
-                guidance=1.0,
-                steps=p.sampling_steps,
-                weights="base",
-            ),
-            "unconditional",
-        )
-        self.mal_at, self.reg_at = self.mal.lookup(), self.reg.lookup()
-        self._calls = (0, 0)
-
-    def _draw_index(self, step: int) -> int:
-        last_step, micro = self._calls
-        micro = micro + 1 if step == last_step else 0
-        self._calls = (step, micro)
-        return (step - 1) * self._accum + micro
 
     def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
         p: TrceSteerParams = self.params  # type: ignore[assignment]
-        draw = self._draw_index(step)
-        j, k = self.mal_plan[draw]
-        row = self.mal_at[(j, k)]
-        x = self.mal.latents[row : row + 1].to(ctx.device, torch.float32)
-        t = self.mal.timesteps[row : row + 1].to(ctx.device)
+        draw = self._draw(step)
+        x, t, (j,) = self.mal.take(draw, ctx.device)
         pair = j // p.trajectories_per_concept
         c_m, c_s, empty = self.malicious[pair : pair + 1], self.safe[pair : pair + 1], self.empty
-        reg_rows = [self.reg_at[(u, kk)] for u, kk in self.reg_plan[draw]]
-        xr = self.reg.latents[reg_rows].to(ctx.device, torch.float32)
-        tr = self.reg.timesteps[reg_rows].to(ctx.device)
-        r = len(reg_rows)
+        xr, tr, _ = self.reg.take(draw, ctx.device)
+        r = xr.shape[0]
 
         with torch.no_grad():
             with ctx.reference_weights("base"):  # the original model

@@ -1,0 +1,98 @@
+"""Training schedules shared by trajectory-loss methods: which latent and timestep each draw reads.
+
+A training method draws its whole schedule up front from ``ctx.generator`` (so it knows which
+trajectory latents to sample, and a resumed run redraws the same plan), then reads one entry
+per micro-batch. The pieces here are that plan, the counter that turns (step, micro-batch)
+into a draw index, the timestep samplers, and the forward-diffusion noising of clean latents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+
+def draw_pairs(
+    generator: torch.Generator,
+    draws: int,
+    trajectories: int,
+    steps_high: int,
+    *,
+    per_draw: int | None = None,
+    steps_low: int = 0,
+) -> Tensor:
+    """A plan of (trajectory, DDIM step index) pairs: ``[draws, 2]``, or ``[draws, per_draw, 2]``.
+
+    Trajectories are uniform in ``[0, trajectories)``, steps uniform in ``[steps_low, steps_high)``.
+    All trajectory indices are drawn before all step indices; TRCE's schedules depend on that
+    order, so keep it.
+    """
+    if trajectories < 1 or steps_high <= steps_low:
+        raise ValueError(f"empty plan: {trajectories} trajectories, steps in [{steps_low}, {steps_high})")
+    shape = (draws,) if per_draw is None else (draws, per_draw)
+    runs = torch.randint(0, trajectories, shape, generator=generator)
+    steps = torch.randint(steps_low, steps_high, shape, generator=generator)
+    return torch.stack([runs, steps], dim=-1)
+
+
+def needed_steps(plan: Tensor) -> dict[int, list[int]]:
+    """For each trajectory a plan reads, the sorted DDIM step indices it reads."""
+    needed: dict[int, set[int]] = {}
+    for j, k in plan.reshape(-1, 2).tolist():
+        needed.setdefault(int(j), set()).add(int(k))
+    return {j: sorted(v) for j, v in needed.items()}
+
+
+class DrawCounter:
+    """Turns the training loop's step number into a running draw index.
+
+    The loop calls ``trajectory_loss`` ``grad_accum`` times per step with the same step number;
+    micro-batch ``m`` of step ``s`` reads draw ``(s - 1) * grad_accum + m``.
+    """
+
+    def __init__(self, grad_accum: int) -> None:
+        self.grad_accum = int(grad_accum)
+        self._last = (0, 0)
+
+    def __call__(self, step: int) -> int:
+        last_step, micro = self._last
+        micro = micro + 1 if step == last_step else 0
+        self._last = (step, micro)
+        return (step - 1) * self.grad_accum + micro
+
+
+def legacy_compvis_timesteps(
+    step_index: Tensor, sampling_steps: int, generator: torch.Generator, train_steps: int = 1000
+) -> Tensor:
+    """The original ESD code's timestep for a latent after ``k`` of ``S`` DDIM steps.
+
+    It draws ``t`` uniformly in ``[round(k/S·T), round((k+1)/S·T))``: a latent that is almost
+    pure noise (small ``k``) is labelled with a small timestep, mirrored relative to its noise
+    level. Kept only to reproduce released checkpoints.
+    """
+    k = step_index.reshape(-1).tolist()
+    low = [round(int(i) / sampling_steps * train_steps) for i in k]
+    high = [round((int(i) + 1) / sampling_steps * train_steps) for i in k]
+    return torch.stack(
+        [torch.randint(a, max(b, a + 1), (1,), generator=generator)[0] for a, b in zip(low, high, strict=True)]
+    ).reshape(step_index.shape)
+
+
+def uniform_timesteps(generator: torch.Generator, count: int, train_steps: int = 1000) -> Tensor:
+    """``count`` training timesteps uniform in ``[0, train_steps)``, as diffusion training draws them."""
+    return torch.randint(0, train_steps, (count,), generator=generator)
+
+
+def alphas_cumprod(scheduler_config: Mapping[str, object]) -> Tensor:
+    """ᾱ_t of the pipeline's noise schedule (float32, one per training timestep)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(dict(scheduler_config)).alphas_cumprod.float()
+
+
+def add_noise(alphas: Tensor, clean: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """Forward diffusion ``√ᾱ_t x₀ + √(1−ᾱ_t) ε`` (``alphas`` from :func:`alphas_cumprod`)."""
+    a = alphas.to(clean.device)[timesteps.to(clean.device)].reshape(-1, *([1] * (clean.ndim - 1)))
+    return a.sqrt() * clean.float() + (1 - a).sqrt() * noise.float()

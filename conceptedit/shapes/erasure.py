@@ -1,0 +1,149 @@
+"""Measuring an erasure on the shapes world: how far the concept is gone, how much else is kept.
+
+For a target concept (a colour or a shape) and an edited pipeline, next to the base model:
+
+* explicit erase rate -- share of images for prompts naming the target in which the judge no
+  longer finds it;
+* implicit erase rate -- the same over held-out implicit phrasings that no recipe names;
+* preserved -- judge accuracy (colour and shape both right) on prompts without the target, as a
+  fraction of the base model's accuracy on the same prompts and seeds;
+* unchanged -- mean absolute pixel difference (0-1) from the base model's image for those prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from conceptedit.shapes.evaluate import generate
+from conceptedit.shapes.judge import Verdict, judge
+from conceptedit.shapes.world import (
+    COLOUR_NAMES,
+    CONCEPTS,
+    ERASE_NAMES,
+    SHAPE_NAMES,
+    Prompt,
+    explicit_prompts,
+    implicit_prompts,
+    preserve_prompts,
+)
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    """The three prompt sets of one target concept."""
+
+    target: str
+    explicit: list[Prompt]
+    implicit: list[Prompt]
+    preserve: list[Prompt]
+
+
+def prompt_sets(target: str) -> PromptSets:
+    """Explicit, held-out implicit and preserve prompts for ``target``."""
+    kind = CONCEPTS[target].kind
+    explicit = [p for p in explicit_prompts() if getattr(p, kind) == target]
+    implicit = [p for p in implicit_prompts() if p.implicit == kind and getattr(p, kind) == target]
+    return PromptSets(target, explicit, implicit, preserve_prompts(target))
+
+
+def verdict_shows(target: str, verdict: Verdict) -> bool:
+    """Whether ``verdict`` finds ``target``, as the dominant or as a listed colour/shape: an image
+    that is half red still shows red."""
+    if CONCEPTS[target].kind == "colour":
+        return target == verdict.colour or target in verdict.colours
+    return target == verdict.shape or target in verdict.shapes
+
+
+def shows(target: str, image: np.ndarray) -> bool:
+    """Whether the judge finds ``target`` in ``image``."""
+    return verdict_shows(target, judge(image))
+
+
+def images_for(pipeline: Any, prompts: Sequence[Prompt], seeds: Sequence[int], **sampler: Any) -> np.ndarray:
+    """Images for every (prompt, seed) pair, prompts outer, seeds inner."""
+    pairs = [(p.text, s) for p in prompts for s in seeds]
+    return generate(pipeline, [t for t, _ in pairs], [s for _, s in pairs], **sampler)
+
+
+def _correct(prompts: Sequence[Prompt], seeds: Sequence[int], images: np.ndarray) -> np.ndarray:
+    expected = [p for p in prompts for _ in seeds]
+    verdicts = [judge(image) for image in images]
+    return np.array([v.colour == p.colour and v.shape == p.shape for v, p in zip(verdicts, expected, strict=True)])
+
+
+@dataclass
+class BaseImages:
+    """The base model's images for one target's prompt sets (computed once, reused per recipe)."""
+
+    sets: PromptSets
+    seeds: list[int]
+    explicit: np.ndarray
+    implicit: np.ndarray
+    preserve: np.ndarray
+
+    @classmethod
+    def generate(cls, pipeline: Any, target: str, seeds: Sequence[int], **sampler: Any) -> BaseImages:
+        sets = prompt_sets(target)
+        seeds = list(seeds)
+        return cls(
+            sets,
+            seeds,
+            *(images_for(pipeline, getattr(sets, k), seeds, **sampler) for k in ("explicit", "implicit", "preserve")),
+        )
+
+
+def measure(pipeline: Any, base: BaseImages, **sampler: Any) -> dict[str, Any]:
+    """The four numbers for ``pipeline`` against ``base`` (see the module docstring)."""
+    sets, seeds, target = base.sets, base.seeds, base.sets.target
+    explicit = images_for(pipeline, sets.explicit, seeds, **sampler)
+    implicit = images_for(pipeline, sets.implicit, seeds, **sampler)
+    preserve = images_for(pipeline, sets.preserve, seeds, **sampler)
+    base_acc = float(_correct(sets.preserve, seeds, base.preserve).mean())
+    acc = float(_correct(sets.preserve, seeds, preserve).mean())
+    return {
+        "target": target,
+        "explicit_erase": float(np.mean([not shows(target, im) for im in explicit])),
+        "implicit_erase": float(np.mean([not shows(target, im) for im in implicit])),
+        "base_explicit_erase": float(np.mean([not shows(target, im) for im in base.explicit])),
+        "base_implicit_erase": float(np.mean([not shows(target, im) for im in base.implicit])),
+        "preserved": acc / base_acc if base_acc > 0 else float("nan"),
+        "preserve_accuracy": acc,
+        "base_preserve_accuracy": base_acc,
+        "unchanged_pixel_difference": float(np.abs(preserve.astype(np.float64) - base.preserve).mean() / 255),
+        "n": {"explicit": len(explicit), "implicit": len(implicit), "preserve": len(preserve)},
+    }
+
+
+def erase_concept_set(target: str, anchor: str) -> dict[str, Any]:
+    """A recipe concept set of full prompt pairs: each phrasing a recipe may name for ``target``,
+    in the sentence positions the captions use it, paired with the plain sentence saying ``anchor``
+    ("a scarlet circle" -> "a gray circle"; "a red disk" -> "a red shape").
+
+    The held-out implicit phrasings (:data:`~conceptedit.shapes.world.IMPLICIT_EVAL`) are never
+    included, so the implicit erase rate measures generalisation.
+    """
+    concept = CONCEPTS[target]
+    pairs = []
+    for name in ERASE_NAMES[target]:
+        if concept.kind == "colour":
+            for noun in SHAPE_NAMES:
+                said = f"{noun} {name}" if name in concept.post else f"{name} {noun}"
+                pairs.append([_a(said), _a(f"{anchor} {noun}")])
+        else:
+            for colour in COLOUR_NAMES:
+                if name in concept.post:
+                    said = f"{colour} shape {name}"
+                elif name in concept.pre:
+                    said = f"{colour} {name} shape"
+                else:  # the shape's name or an implicit noun
+                    said = f"{colour} {name}"
+                pairs.append([_a(said), _a(f"{colour} {anchor}")])
+    return {"pairs": pairs}
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase

@@ -1,0 +1,20 @@
+"""The shipped ``builtin:shapes`` weights: a diffusers folder inside the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # diffusers loads on first use: importing the model registry must stay cheap
+    from diffusers import StableDiffusionPipeline
+
+SHAPES_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "assets" / "shapes"
+
+
+def load_shapes() -> StableDiffusionPipeline:
+    """The trained shapes-world model (see the folder's README.md), read from package data."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        str(SHAPES_MODEL_DIR), local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )

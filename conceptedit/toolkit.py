@@ -1,0 +1,61 @@
+"""Building blocks for method plugins: the engine's shared maths and data sources.
+
+Built-in methods are written with these and with the classes in :mod:`conceptedit`, nothing
+else, so a third-party method has every tool a built-in has. Grouped by hook point:
+
+* prompt encoding: token-row choices (:func:`select_rows`, :func:`aligned_rows`, ...);
+* attention edit: the erase-toward-guide problem (:func:`erase_edit`), closed-form adversarial
+  inputs (:func:`matching_inputs`), the preservation prior (:func:`embedding_prior`) and caption
+  files (:func:`read_prompts`);
+* trajectory loss: cached or fresh DDIM latents (:func:`sample_planned`, :func:`partial_ddim`),
+  training plans and timestep samplers, named parameter sets, seeds;
+* inference time: the denoising state a guard reads (:func:`denoising_state`).
+"""
+
+from __future__ import annotations
+
+from conceptedit.data.prompt_files import read_prompts, resolve_prompt_file
+from conceptedit.engine.context import derive_seed
+from conceptedit.engine.erase import erase_edit
+from conceptedit.engine.guards import DenoisingState, denoising_state
+from conceptedit.engine.kv_solver import matching_inputs
+from conceptedit.engine.priors import embedding_prior
+from conceptedit.engine.rows import RowSelection, aligned_rows, encoding_length, select_rows
+from conceptedit.engine.schedules import (
+    DrawCounter,
+    add_noise,
+    alphas_cumprod,
+    draw_pairs,
+    legacy_compvis_timesteps,
+    uniform_timesteps,
+)
+from conceptedit.engine.selectors import select_parameter_set, select_parameters
+from conceptedit.engine.trajectories import PlannedLatents, ddim_timesteps, partial_ddim, sample_planned, seeded_noise
+
+__all__ = [
+    "DenoisingState",
+    "DrawCounter",
+    "PlannedLatents",
+    "RowSelection",
+    "add_noise",
+    "aligned_rows",
+    "alphas_cumprod",
+    "ddim_timesteps",
+    "denoising_state",
+    "derive_seed",
+    "draw_pairs",
+    "embedding_prior",
+    "encoding_length",
+    "erase_edit",
+    "legacy_compvis_timesteps",
+    "matching_inputs",
+    "partial_ddim",
+    "read_prompts",
+    "resolve_prompt_file",
+    "sample_planned",
+    "seeded_noise",
+    "select_parameter_set",
+    "select_parameters",
+    "select_rows",
+    "uniform_timesteps",
+]

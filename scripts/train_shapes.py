@@ -1,0 +1,183 @@
+"""Train ``builtin:shapes`` from a seed, save it as a diffusers folder, measure it and write its model card.
+
+    python scripts/train_shapes.py --out conceptedit/models/assets/shapes
+
+writes ``model_index.json`` and the component folders (safetensors), ``training.json`` (the config
+and stage times), ``eval.json`` (the judge's accuracy and every verdict) and ``README.md``. The
+defaults are what the shipped weights were trained with; ``--steps 3 --vae-steps 3 --text-steps 3
+--no-eval`` is a smoke run, and ``--eval-only`` re-measures a trained folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from conceptedit.shapes.evaluate import benchmark
+from conceptedit.shapes.train import TrainConfig, save, train
+from conceptedit.shapes.world import COLOURS, IMPLICIT_EVAL, SHAPES
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the pipeline to")
+    for field in fields(TrainConfig):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    parser.add_argument("--explicit-seeds", type=int, default=4, help="images per explicit prompt")
+    parser.add_argument("--implicit-seeds", type=int, default=2, help="images per implicit prompt")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--no-eval", action="store_true", help="skip measuring (smoke runs)")
+    mode.add_argument("--eval-only", action="store_true",
+                      help="measure the model already in --out and rewrite its eval.json and README.md")
+    args = parser.parse_args(argv)
+
+    if args.eval_only:
+        from diffusers import StableDiffusionPipeline
+
+        pipeline = StableDiffusionPipeline.from_pretrained(str(args.out), local_files_only=True)
+        pipeline.set_progress_bar_config(disable=True)
+        training = json.loads((args.out / "training.json").read_text())
+    else:
+        config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+        result = train(config, log=lambda line: print(line, flush=True))
+        pipeline, training = result.pipeline, result.describe()
+        args.out.mkdir(parents=True, exist_ok=True)
+        save(pipeline, args.out)
+        _write_json(args.out / "training.json", training)
+    evaluation = None
+    if not args.no_eval:
+        started = time.perf_counter()
+        evaluation = benchmark(pipeline, range(args.explicit_seeds), range(args.implicit_seeds))
+        evaluation["seconds"] = round(time.perf_counter() - started, 1)
+        _write_json(args.out / "eval.json", evaluation)
+        print(json.dumps(evaluation["accuracy"], indent=2))
+    (args.out / "README.md").write_text(model_card(pipeline, training, evaluation, _megabytes(args.out)))
+    print(f"wrote {args.out} ({_megabytes(args.out):.1f} MB)")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _megabytes(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
+def _minutes(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{stage.replace('_', ' ')} {value / 60:.1f} min" for stage, value in seconds.items())
+
+
+def model_card(pipe: StableDiffusionPipeline, training: dict[str, Any], evaluation: dict[str, Any] | None,
+               megabytes: float) -> str:
+    """The folder's README: what the model is for, how it was trained and how well it draws."""
+    config = SimpleNamespace(**training["config"])
+    seconds, losses = training["seconds"], training["losses"]
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+              for name in ("unet", "text_encoder", "vae")}
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in training["config"].items())
+    colours = "\n".join(f"| {c.name} | {c.hue:.0f}° | {', '.join(c.implicit)} |" for c in COLOURS)
+    shapes = "\n".join(f"| {s.name} | {', '.join(s.implicit)} |" for s in SHAPES)
+    held_out = "\n".join(f"- {name}: {', '.join(phrases)}" for name, phrases in IMPLICIT_EVAL.items())
+    if evaluation is None:
+        measured = "Not measured (trained with `--no-eval`)."
+    else:
+        acc = evaluation["accuracy"]
+        sampler = evaluation["sampler"]
+        rows = "\n".join(
+            f"| {name.replace('_', ' ')} | {a['n']} | {a['colour']:.1%} | {a['shape']:.1%} |" for name, a in acc.items()
+        )
+        measured = (
+            f"Judged by `conceptedit.shapes.judge` on images sampled with DDIM, "
+            f"{sampler['num_inference_steps']} steps, guidance {sampler['guidance_scale']}, 32x32, "
+            f"one seeded generator per image (seeds {evaluation['seeds']['explicit']} for each explicit "
+            f"prompt, {evaluation['seeds']['implicit']} for each implicit one):\n\n"
+            "| prompts | images | colour correct | shape correct |\n|---|---|---|---|\n" + rows + "\n\n"
+            "Explicit prompts are `a {colour} {shape}` (24); implicit-colour prompts name the shape and "
+            "give the colour only by a held-out phrasing (`a circle like a ripe tomato`, 72), implicit-"
+            "shape prompts the other way round (`a red shape like the full moon`, 72). The bars: 90% "
+            "colour and 85% shape on explicit prompts, 80% on implicit ones. Every verdict is in "
+            "`eval.json`."
+        )
+    return f"""# builtin:shapes
+
+A text-to-image model of Stable Diffusion 1.x's exact architecture at toy size, trained by
+conceptedit on a synthetic world of coloured shapes. It is a base model for testing concept
+erasure offline: it knows colours and shapes by their names *and* by synonyms and metaphors, so an
+edit that erases "red" can be checked on prompts that never say "red" ("a circle like a ripe
+tomato"), and an analytic judge (`conceptedit.shapes.judge`) scores what it draws. It is not a
+general image model: it draws only this world.
+
+## Architecture
+
+A plain diffusers `StableDiffusionPipeline` folder: load it with
+`StableDiffusionPipeline.from_pretrained(folder)` or `conceptedit.load_model("builtin:shapes")`.
+
+- Text encoder: `CLIPTextModel`, causal, 48 wide, {pipe.text_encoder.config.num_hidden_layers} layers,
+  77 positions, with the real SD-1.x CLIP tokenizer (pad = end-of-text); {counts['text_encoder']:,}
+  parameters, {pipe.text_encoder.config.vocab_size * 48:,} of them the token embedding table.
+- UNet: `UNet2DConditionModel` with cross-attention (to_k/to_v without bias, as SD),
+  channels {tuple(pipe.unet.config.block_out_channels)}, 8x8x4 latents; {counts['unet']:,} parameters.
+- VAE: `AutoencoderKL`, 32x32 RGB to 8x8x4 latents (4x down), scaling factor
+  {pipe.vae.config.scaling_factor}; {counts['vae']:,} parameters.
+- Scheduler: DDIM with SD's schedule (scaled-linear betas 0.00085-0.012, 1000 steps, steps offset 1).
+- {megabytes:.1f} MB in all, weights in float32 safetensors.
+
+## The world
+
+32x32 images of one filled shape on a plain background: {len(COLOURS)} colours, {len(SHAPES)} shapes,
+two sizes (small, large), five positions (centre, left, right, top, bottom) and a light or (one time
+in four) dark background, drawn by `conceptedit.shapes.world.render`. Captions are built from
+templates: each concept is named explicitly (40%) or by one of its implicit phrasings, rarely
+omitted; size, position and background are mentioned some of the time.
+
+| colour | hue | implicit phrasings (all in training) |
+|---|---|---|
+{colours}
+
+| shape | implicit phrasings (all in training) |
+|---|---|
+{shapes}
+
+Held out for evaluation (`IMPLICIT_EVAL`: in training captions, never named by an erase recipe,
+which names `ERASE_NAMES` only):
+
+{held_out}
+
+## Training
+
+`python scripts/train_shapes.py --out FOLDER {flags}`
+
+Reproducible from the seed for a given thread count. Three stages, with fresh captions every step:
+
+1. VAE alone: {config.vae_steps} steps of batch {config.vae_batch}, L1 + L2 reconstruction + 1e-6 KL,
+   AdamW {config.vae_lr}; latent scaling factor = 1 / std of the latents.
+2. Text encoder, from scratch: {config.text_steps} steps of batch {config.text_batch}, AdamW
+   {config.text_lr}; linear probes (discarded) read from every end-of-text position which colour,
+   shape, size, position and background the caption states, or that it states none. It stands in
+   for SD's pretrained CLIP: every phrasing of a concept lands near its name before the UNet
+   trains, so the UNet learns one mapping per concept rather than one per phrasing.
+3. UNet on the frozen text encoder: {config.steps} steps of batch {config.batch}, epsilon prediction
+   under SD's noise schedule, Min-SNR-{config.min_snr_gamma:g} weighting, {config.caption_dropout:.0%}
+   empty captions for classifier-free guidance, AdamW {config.lr}; latents from a pool of
+   {config.pool:,} images encoded once.
+
+All stages use linear warm-up and cosine decay. Wall time on 2 shared CPU cores
+({config.threads} torch thread): {_minutes(seconds)}; total {sum(seconds.values()) / 60:.1f} min.
+Final smoothed losses: {', '.join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in losses.items())}.
+
+## Measured accuracy
+
+{measured}
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The engine pieces TRCE stage 2, ESD and CA share: plans, timestep samplers, latent sources, parameter sets.
+
+TRCE's results must not change when its schedule moves onto these pieces, so the plan and the
+latent source are checked against what TRCE's own code did before (written out here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from conceptedit.engine import schedules, trajectories
+from conceptedit.engine.context import EditContext, RunContext
+from conceptedit.engine.ledger import WeightLedger
+from conceptedit.engine.progress import Reporter
+from conceptedit.engine.selectors import select_parameter_set
+from conceptedit.errors import TrainingError
+from conceptedit.models.backbone import StableDiffusionAdapter
+from conceptedit.models.builtin import build_tiny_sd
+from conceptedit.recipe.loader import load_recipe
+from conceptedit.testing import isolated_host, tiny_recipe
+
+
+def _ctx(tmp_path: Path) -> EditContext:
+    """An edit context on a fresh tiny-sd, outside any run (for calling engine pieces directly)."""
+    pipe = build_tiny_sd()
+    adapter = StableDiffusionAdapter(pipe)
+    with isolated_host(entry_points=True):
+        loaded = load_recipe(
+            tiny_recipe({"method": "trce_eot", "params": {"concepts": "c"}}, concepts={"c": {"concepts": ["x"]}})
+        )
+    run = RunContext(
+        loaded=loaded,
+        pipeline=pipe,
+        adapter=adapter,
+        device=torch.device("cpu"),
+        ledger=WeightLedger(adapter),
+        host=loaded.host,
+        run_dir=tmp_path,
+        reporter=Reporter(quiet=True),
+        cache_dir=tmp_path / "cache",
+        base_fingerprint="test",
+    )
+    return EditContext(run=run, edit=SimpleNamespace(label="test"), index=0, method=None, generator=torch.Generator())  # type: ignore[arg-type]
+
+
+def test_draw_pairs_reproduce_trce_stage2s_original_schedule() -> None:
+    """TRCE drew its malicious plan as two randint calls, then its regulariser plan as two more."""
+    draws, runs, early, uncond, steps, batch = 24, 6, 5, 9, 10, 3
+    g = torch.Generator().manual_seed(1234)
+    mal_before = list(
+        zip(
+            torch.randint(0, runs, (draws,), generator=g).tolist(),
+            torch.randint(0, early, (draws,), generator=g).tolist(),
+            strict=True,
+        )
+    )
+    reg_before = torch.stack(
+        [torch.randint(0, uncond, (draws, batch), generator=g), torch.randint(0, steps, (draws, batch), generator=g)],
+        dim=-1,
+    ).tolist()
+    g = torch.Generator().manual_seed(1234)
+    mal = schedules.draw_pairs(g, draws, runs, early)
+    reg = schedules.draw_pairs(g, draws, uncond, steps, per_draw=batch)
+    assert [tuple(x) for x in mal.tolist()] == mal_before
+    assert reg.tolist() == reg_before
+    needed = schedules.needed_steps(reg)
+    assert needed == {u: sorted({k for row in reg_before for uu, k in row if uu == u}) for u in needed}
+
+
+def test_draw_counter_walks_micro_batches_in_order() -> None:
+    count = schedules.DrawCounter(grad_accum=3)
+    assert [count(step) for step in (1, 1, 1, 2, 2, 2, 3)] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_legacy_timesteps_are_mirrored_into_the_steps_bucket() -> None:
+    k = torch.tensor([0, 1, 24, 49])
+    t = schedules.legacy_compvis_timesteps(k, 50, torch.Generator().manual_seed(0))
+    for kk, tt in zip(k.tolist(), t.tolist(), strict=True):
+        assert 20 * kk <= tt < 20 * (kk + 1)  # the original code: U[round(1000k/50), round(1000(k+1)/50))
+
+
+def test_add_noise_is_ddpm_forward_diffusion() -> None:
+    config = build_tiny_sd().scheduler.config
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    expected = DDPMScheduler.from_config(config).add_noise(x0, eps, t)
+    torch.testing.assert_close(schedules.add_noise(schedules.alphas_cumprod(config), x0, eps, t), expected)
+
+
+def test_planned_latents_are_a_hand_run_ddim_with_a_finished_latent(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    pipe = ctx.pipeline
+    plan = torch.tensor([[0, 2], [0, 4], [1, 4]])  # 4 == steps: the finished latent
+    source = trajectories.sample_planned(
+        ctx, plan, ["a cat", "a dog"], [11, 12], guidance=3.0, steps=4, weights="base", label="test"
+    )
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    scheduler.set_timesteps(4)
+    cond = ctx.encode_prompts(["a cat"]).hidden
+    empty = ctx.encode_prompts([""]).hidden
+    x = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(11))[None]
+    walk = [x]
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            both = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, empty])).sample
+            x = scheduler.step(both[1:] + 3.0 * (both[:1] - both[1:]), t, x, eta=0.0).prev_sample
+            walk.append(x)
+    for draw, k in ((0, 2), (1, 4)):
+        latents, t, runs = source.take(draw, ctx.device)
+        assert runs == [0] and latents.dtype == torch.float32
+        torch.testing.assert_close(latents, walk[k].half().float(), atol=2e-3, rtol=2e-3)
+        assert int(t) == (int(scheduler.timesteps[k]) if k < 4 else 0)
+    # the uncached sampler is the same walk, in full precision
+    noise = trajectories.seeded_noise((4, 8, 8), [11])
+    torch.testing.assert_close(trajectories.partial_ddim(ctx, noise, cond, empty, 3.0, 4, 2), walk[2])
+    with pytest.raises(ValueError, match=r"outside 0\.\.4"):
+        trajectories.sample_planned(
+            ctx, torch.tensor([[0, 5]]), ["a cat"], [1], guidance=3.0, steps=4, weights="base", label="bad"
+        )
+
+
+def test_named_parameter_sets_on_tiny_sd() -> None:
+    adapter = StableDiffusionAdapter(build_tiny_sd())
+    unet = [n for n, _ in adapter.named_parameters() if n.startswith("unet.")]
+    x = select_parameter_set(adapter, "cross_attention")
+    assert x == [n for n in unet if ".attn2." in n]
+    assert select_parameter_set(adapter, "cross_attention_kv") == [
+        n for n in x if ".attn2.to_k." in n or ".attn2.to_v." in n
+    ]
+    u = set(select_parameter_set(adapter, "non_cross_attention"))
+    head = {n for n in unet if n.startswith(("unet.time_embedding.", "unet.conv_norm_out.", "unet.conv_out."))}
+    assert head and u == set(unet) - set(x) - head
+    attention = select_parameter_set(adapter, "attention")
+    assert any(".attn1.to_q." in n for n in attention) and not any(".norm" in n or ".ff." in n for n in attention)
+    with pytest.raises(TrainingError, match="unknown parameter set 'esd-u'"):
+        select_parameter_set(adapter, "esd-u")

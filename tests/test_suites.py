@@ -1,0 +1,60 @@
+"""Prompt suites: registration, recipe validation, and the shapes suites' prompts and metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from conceptedit import RecipeError, UnknownSuiteError, load_recipe
+from conceptedit.plugins import get_host
+from conceptedit.suites import SuitePrompt
+from conceptedit.testing import tiny_recipe
+
+
+def test_shapes_suites_are_installed_and_hold_their_prompts() -> None:
+    host = get_host()
+    explicit = host.suite("shapes-explicit")
+    prompts = explicit(explicit.Options(target="red", seeds=3)).prompts()
+    assert [p.text for p in prompts[:3]] == ["a red circle"] * 3 and [p.seed for p in prompts[:3]] == [0, 1, 2]
+    assert len(prompts) == 4 * 3 and all(p.labels["colour"] == "red" for p in prompts)
+    implicit = host.suite("shapes-implicit")
+    texts = {p.text for p in implicit(implicit.Options(target="red", seeds=1)).prompts()}
+    assert "a scarlet circle" in texts and not any("red" in t for t in texts)
+    preserve = host.suite("shapes-preserve")
+    kept = preserve(preserve.Options(target="circle", seeds=1)).prompts()
+    assert kept and all(p.labels["shape"] != "circle" for p in kept)
+
+
+def test_shapes_summary_counts_the_target_in_any_listed_colour() -> None:
+    suite_cls = get_host().suite("shapes-explicit")
+    suite = suite_cls(suite_cls.Options(target="red", seeds=1))
+    prompts = [SuitePrompt("a red circle", 0, {"colour": "red", "shape": "circle", "target": "red"})] * 4
+    verdicts = [("red", ["red"]), ("blue", ["blue", "red"]), ("blue", ["blue"]), ("none", [])]
+    scores = [
+        {"colour": c, "colours": cs, "shape": "circle", "shapes": ["circle"], "colour_correct": c == "red",
+         "shape_correct": True}
+        for c, cs in verdicts
+    ]
+    metrics = suite.summarise(prompts, scores)
+    assert metrics["target_shown"] == 0.5 and metrics["erased"] == 0.5  # half-red images still show red
+    assert metrics["colour_correct"] == 0.25 and metrics["shape_correct"] == 1.0
+
+
+def test_unknown_suite_is_refused_by_name() -> None:
+    with pytest.raises(UnknownSuiteError, match="did you mean 'shapes-explicit'"):
+        get_host().suite("shapes-explict")
+
+
+def test_recipe_evaluate_entries_are_validated() -> None:
+    recipe = tiny_recipe({"method": "trce_eot", "params": {"concepts": "c", "prior": None}},
+                         concepts={"c": {"pairs": [["a cat", "a dog"]]}})
+    recipe["evaluate"] = [
+        {"suite": "shapes-explict"},
+        {"suite": "shapes-preserve", "options": {"target": "mauve"}},
+        {"suite": "shapes-implicit", "options": {"colour": "red"}},
+    ]
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    text = str(caught.value)
+    assert "evaluate.0.suite: unknown prompt suite 'shapes-explict'" in text and "did you mean" in text
+    assert "evaluate.1.options.target" in text and "unknown concept 'mauve'" in text
+    assert "evaluate.2.options.colour" in text
