@@ -90,10 +90,13 @@ def render(
 
 def evaluate(
     pipeline: Any, specs: Sequence[EvaluateSpec], *, host: PluginHost, base_weights: BaseWeights | None = None,
-    reporter: Reporter | None = None,
+    base_pipeline: Any = None, reporter: Reporter | None = None,
 ) -> list[SuiteResult]:
-    """Run every suite of ``specs`` on ``pipeline``; with ``base_weights`` (a context manager
-    factory that puts the base model's weights in place) the base model too, same seeds."""
+    """Run every suite of ``specs`` on ``pipeline`` and, with the same seeds, on the base model:
+    either ``base_weights`` (a context manager factory that puts the base weights into ``pipeline``,
+    no second copy) or a separate ``base_pipeline``."""
+    if base_weights is not None and base_pipeline is not None:
+        raise ValueError("give base_weights or base_pipeline, not both")
     reporter = reporter or Reporter(quiet=True)
     results = []
     for spec in specs:
@@ -101,11 +104,15 @@ def evaluate(
         suite = suite_cls(suite_cls.Options.model_validate(spec.options))
         prompts = suite.prompts()[: spec.limit]
         evaluator = _evaluator(host, suite)
-        compare = spec.compare_base and base_weights is not None
+        compare = spec.compare_base and (base_weights is not None or base_pipeline is not None)
         label = f"eval {spec.suite}"
         with reporter.task(label, len(prompts) * (2 if compare else 1)) as bar:
             scores = _score(pipeline, prompts, spec, host, evaluator, bar, nullcontext())
-            base_scores = _score(pipeline, prompts, spec, host, evaluator, bar, base_weights()) if compare else None
+            base_scores = None
+            if compare and base_pipeline is not None:
+                base_scores = _score(base_pipeline, prompts, spec, host, evaluator, bar, nullcontext())
+            elif compare and base_weights is not None:
+                base_scores = _score(pipeline, prompts, spec, host, evaluator, bar, base_weights())
         results.append(
             SuiteResult(
                 suite=spec.suite,
@@ -151,16 +158,18 @@ def write_metrics(path: Path, results: Sequence[SuiteResult]) -> None:
     atomic_write_text(path, json.dumps({"suites": [asdict(r) for r in results]}, indent=2) + "\n")
 
 
-def print_results(results: Sequence[SuiteResult], console: Console | None = None) -> None:
-    """A before/after table per suite."""
+def print_results(
+    results: Sequence[SuiteResult], console: Console | None = None, labels: tuple[str, str] = ("base", "edited")
+) -> None:
+    """A table per suite: the compared model's column (``labels[0]``) next to the evaluated one's."""
     console = console or Console()
     for r in results:
         options = ", ".join(f"{k}={v}" for k, v in r.options.items())
         table = Table(title=f"{r.suite}" + (f" ({options})" if options else "") + f", {r.n} images")
         table.add_column("metric")
         if r.base_metrics is not None:
-            table.add_column("base", justify="right")
-        table.add_column("edited" if r.base_metrics is not None else "value", justify="right")
+            table.add_column(labels[0], justify="right")
+        table.add_column(labels[1] if r.base_metrics is not None else "value", justify="right")
         for name, value in r.metrics.items():
             cells = [f"{r.base_metrics[name]:.3f}"] if r.base_metrics is not None else []
             table.add_row(name, *cells, f"{value:.3f}")

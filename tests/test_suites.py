@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conceptedit import RecipeError, UnknownSuiteError, load_recipe
@@ -58,3 +60,33 @@ def test_recipe_evaluate_entries_are_validated() -> None:
     assert "evaluate.0.suite: unknown prompt suite 'shapes-explict'" in text and "did you mean" in text
     assert "evaluate.1.options.target" in text and "unknown concept 'mauve'" in text
     assert "evaluate.2.options.colour" in text
+
+
+def test_eval_command_scores_a_model_next_to_a_run(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from conceptedit import apply
+    from conceptedit.cli.app import app
+
+    repo = Path(__file__).resolve().parents[1]
+    recipe = {
+        "schema_version": 1, "model": "builtin:shapes", "device": "cpu", "seed": 0,
+        "concepts": {"red": {"file": str(repo / "recipes" / "concepts" / "shapes_red.json")}},
+        "edits": [{"method": "trce_eot", "params": {
+            "concepts": "red", "eta": 0.04, "rows": {"eot": 1.0, "last_pad": 1.0},
+            "prior": {"captions": str(repo / "recipes" / "data" / "shapes_captions.txt"), "limit": None}}}],
+    }
+    apply(recipe, out=tmp_path / "run", quiet=True)
+    args = ["eval", "builtin:shapes", "--suite", "shapes-explicit", "--option", "target=red", "--option", "seeds=2",
+            "--compare", str(tmp_path / "run"), "--device", "cpu", "--out", str(tmp_path / "eval"), "--guidance", "5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "builtin:shapes" in result.output and "target_shown" in result.output
+    (suite,) = json.loads((tmp_path / "eval" / "metrics.json").read_text())["suites"]
+    assert suite["n"] == 8 and suite["metrics"]["target_shown"] == 1.0  # the base model draws red
+    assert suite["base_metrics"]["erased"] >= 0.9  # the run (compared) no longer does; measured 1.0
+    bad = CliRunner().invoke(app, ["eval", "builtin:shapes", "--suite", "shapes-explicit", "--option", "target=mauve"])
+    said = " ".join(bad.output.replace("│", " ").split())  # rich wraps the message in a box
+    assert bad.exit_code == 2 and "unknown concept 'mauve'" in said and "--option" in said

@@ -318,6 +318,74 @@ def generate(
     out.print(f"wrote {count} images to {folder}")
 
 
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    target: Annotated[str, typer.Argument(help="Model id/path/builtin:NAME, or a run folder.")],
+    suite: Annotated[list[str], typer.Option("--suite", help="Prompt suite (repeatable); `conceptedit suites`.")],
+    option: Annotated[
+        list[str] | None, typer.Option("--option", help="Suite option KEY=VALUE (YAML value), for every suite.")
+    ] = None,
+    compare: Annotated[
+        str | None, typer.Option(help="Model or run folder to score side by side, same prompts and seeds.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="First N prompts of each suite.")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
+    guidance: Annotated[float | None, typer.Option(help="CFG scale (default: each prompt's own, else 7.5).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for metrics.json.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
+) -> None:
+    """Score a model or a run on prompt suites, optionally next to another model (--compare)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from conceptedit.engine.progress import Reporter
+    from conceptedit.engine.runner import resolve_device
+    from conceptedit.evaluation import evaluate, print_results, write_metrics
+    from conceptedit.generation import load_target
+    from conceptedit.recipe.schema import EvaluateSpec
+
+    options: dict[str, Any] = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--option {item!r}: write KEY=VALUE, e.g. --option target=red")
+        options[key] = yaml.safe_load(value)
+    plugin_host = host()
+    for name in suite:
+        cls = plugin_host.suite(name)
+        try:  # a bad option fails before any model loads
+            cls.Options.model_validate(options)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            known = ", ".join(cls.Options.model_fields)
+            raise typer.BadParameter(f"{name}: {problems} (its options: {known})", param_hint="--option") from None
+    specs = [EvaluateSpec(suite=name, options=options, limit=limit, steps=steps, guidance=guidance) for name in suite]
+    where = resolve_device(device)
+    pipeline, _ = load_target(target, device=where)
+    base = load_target(compare, device=where)[0] if compare else None
+    results = evaluate(pipeline, specs, host=plugin_host, base_pipeline=base, reporter=Reporter(quiet=quiet))
+    if out_dir is not None:
+        write_metrics(out_dir / "metrics.json", results)
+    if not quiet:
+        print_results(results, out, labels=(compare or "", target))
+        if out_dir is not None:
+            out.print(f"wrote {out_dir / 'metrics.json'}")
+
+
+@app.command()
+@user_errors
+def suites() -> None:
+    """List the installed prompt suites, their scorer and options."""
+    table = Table(title="prompt suites")
+    for col in ("suite", "scorer", "options", "summary"):
+        table.add_column(col)
+    for name, cls in sorted(host().registry.suites.items()):
+        table.add_row(name, cls.scorer, ", ".join(cls.Options.model_fields), cls.summary)
+    out.print(table)
+
+
 def _save_png(image: Any, path: Path, writer: Callable[[Path, bytes], None]) -> None:
     import io
 
