@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 
 from conceptedit.errors import RunDirError, UnknownMethodError
 from conceptedit.io.atomic import atomic_write_bytes
-from conceptedit.io.edit_file import canonical_safetensors
+from conceptedit.io.edit_file import canonical_safetensors, read_tagged
 
 if TYPE_CHECKING:
     from conceptedit.models.backbone import BackboneAdapter
@@ -96,20 +95,7 @@ def read_guard(path: Path) -> SavedGuard:
     if not path.is_file():
         raise RunDirError(f"guard file {path} is missing; the run folder is incomplete")
     data = path.read_bytes()
-    try:
-        with safe_open(str(path), "pt") as fh:
-            raw = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - no iterator
-    except Exception as exc:
-        raise RunDirError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if raw.get("format") != GUARD_FORMAT:
-        raise RunDirError(f"{path} is not a conceptedit guard file (format {raw.get('format')!r})")
-    version = int(raw.get("format_version", "0"))
-    if version > GUARD_FORMAT_VERSION:
-        raise RunDirError(
-            f"{path} has guard format version {version}; this conceptedit reads up to {GUARD_FORMAT_VERSION}. "
-            "Upgrade conceptedit."
-        )
+    tensors, raw = read_tagged(path, GUARD_FORMAT, GUARD_FORMAT_VERSION, "guard file")
     return SavedGuard(
         method=raw["method"],
         label=raw.get("label", raw["method"]),

@@ -52,23 +52,30 @@ def canonical_safetensors(data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data[8 + size :]
 
 
-def read_edit(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors and decoded metadata of an edit file; :class:`RunDirError` if it is not one."""
-    if not path.is_file():
-        raise RunDirError(f"{path} does not exist; is this a finished conceptedit run folder?")
+def read_tagged(path: Path, form: str, newest: int, kind: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and raw metadata of a safetensors file whose ``format`` tag is ``form`` at a
+    ``format_version`` this code reads (at most ``newest``); :class:`RunDirError` otherwise."""
     try:
         with safe_open(str(path), "pt") as fh:
             raw = fh.metadata() or {}
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - no iterator
     except Exception as exc:
         raise RunDirError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if raw.get("format") != FORMAT:
-        raise RunDirError(f"{path} is not a conceptedit edit file (format {raw.get('format')!r})")
+    if raw.get("format") != form:
+        raise RunDirError(f"{path} is not a conceptedit {kind} (format {raw.get('format')!r})")
     version = int(raw.get("format_version", "0"))
-    if version > FORMAT_VERSION:
+    if version > newest:
         raise RunDirError(
-            f"{path} has format version {version}; this conceptedit reads up to {FORMAT_VERSION}. Upgrade conceptedit."
+            f"{path} has {kind} format version {version}; this conceptedit reads up to {newest}. Upgrade conceptedit."
         )
+    return tensors, raw
+
+
+def read_edit(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors and decoded metadata of an edit file; :class:`RunDirError` if it is not one."""
+    if not path.is_file():
+        raise RunDirError(f"{path} does not exist; is this a finished conceptedit run folder?")
+    tensors, raw = read_tagged(path, FORMAT, FORMAT_VERSION, "edit file")
     meta = {key: json.loads(raw[key]) for key in ("recipe", "base_model", "base_digests") if key in raw}
-    meta["format_version"] = version
+    meta["format_version"] = int(raw.get("format_version", "0"))
     return tensors, meta
