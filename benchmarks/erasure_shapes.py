@@ -159,7 +159,10 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"{result['seeds']} seeds per prompt; {result['sampler']}. Erase rates: share of images in which the judge no "
         "longer finds the target. Preserved: judge accuracy on prompts without the target, relative to the base "
-        "model. Unchanged: mean absolute pixel difference (0-1) from the base image, same prompt and seed.",
+        "model. Unchanged: mean absolute pixel difference (0-1) from the base image, same prompt and seed. "
+        "Each recipe is measured on both targets: on the target it did not erase, preserved includes prompts of "
+        "the one it did ('a red square' is a preserve prompt for circle), so it drops by design. Peer settings are "
+        "in peers() in the script, chosen once on red and kept for circle; TRCE's are recipes/quickstart.yaml's.",
         "",
         "| recipe | target | explicit erase | implicit erase | preserved | unchanged | edit s |",
         "|---|---|---|---|---|---|---|",
