@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from conceptedit.recipe.schema import EvaluateSpec
 from conceptedit.suites import PromptSuite, SuitePrompt
 
 DEFAULT_GUIDANCE = 7.5
+EXAMPLES = 8  # prompts per suite kept as images for the report
 BaseWeights = Callable[[], AbstractContextManager[Any]]
 
 
@@ -52,6 +53,21 @@ class SuiteResult:
     metrics: dict[str, float]
     base_metrics: dict[str, float] | None
     protocol: dict[str, Any]
+    examples: list[Example] = field(default_factory=list, repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything but the example images, for JSON."""
+        return {k: v for k, v in asdict(self).items() if k != "examples"}
+
+
+@dataclass
+class Example:
+    """One prompt's image from the evaluated model and, when compared, the base model's."""
+
+    prompt: str
+    seed: int
+    image: Image.Image
+    base_image: Image.Image | None
 
 
 @torch.no_grad()
@@ -107,12 +123,13 @@ def evaluate(
         compare = spec.compare_base and (base_weights is not None or base_pipeline is not None)
         label = f"eval {spec.suite}"
         with reporter.task(label, len(prompts) * (2 if compare else 1)) as bar:
-            scores = _score(pipeline, prompts, spec, host, evaluator, bar, nullcontext())
+            images, scores = _score(pipeline, prompts, spec, host, evaluator, bar, nullcontext())
+            base_images: list[Image.Image | None] = [None] * len(prompts)
             base_scores = None
             if compare and base_pipeline is not None:
-                base_scores = _score(base_pipeline, prompts, spec, host, evaluator, bar, nullcontext())
+                base_images, base_scores = _score(base_pipeline, prompts, spec, host, evaluator, bar, nullcontext())
             elif compare and base_weights is not None:
-                base_scores = _score(pipeline, prompts, spec, host, evaluator, bar, base_weights())
+                base_images, base_scores = _score(pipeline, prompts, spec, host, evaluator, bar, base_weights())
         results.append(
             SuiteResult(
                 suite=spec.suite,
@@ -127,6 +144,10 @@ def evaluate(
                     "guidance": spec.guidance or "per prompt (default 7.5)",
                     "seeds": [p.seed for p in prompts],
                 },
+                examples=[
+                    Example(p.text, p.seed, image, base)
+                    for p, image, base in list(zip(prompts, images, base_images, strict=True))[:EXAMPLES]
+                ],
             )
         )
     return results
@@ -145,17 +166,17 @@ def _evaluator(host: PluginHost, suite: PromptSuite) -> Any:
 def _score(
     pipeline: Any, prompts: Sequence[SuitePrompt], spec: EvaluateSpec, host: PluginHost, evaluator: Any, bar: Any,
     weights: AbstractContextManager[Any],
-) -> list[dict[str, Any]]:
+) -> tuple[list[Any], list[dict[str, Any]]]:
     with weights:
         images = render(pipeline, prompts, steps=spec.steps, guidance=spec.guidance, batch_size=spec.batch_size,
                         host=host, progress=bar)
     samples = [Sample(p.text, p.seed, image, p.labels) for p, image in zip(prompts, images, strict=True)]
-    return evaluator.score(samples)
+    return images, evaluator.score(samples)
 
 
 def write_metrics(path: Path, results: Sequence[SuiteResult]) -> None:
     """``metrics.json``: every suite's numbers with the protocol that made them."""
-    atomic_write_text(path, json.dumps({"suites": [asdict(r) for r in results]}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({"suites": [r.as_dict() for r in results]}, indent=2) + "\n")
 
 
 def print_results(

@@ -240,3 +240,5 @@ def test_trce_erases_red_from_the_shapes_model_and_keeps_the_rest(tmp_path: Path
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())["suites"]
     assert [s["suite"] for s in written] == ["shapes-explicit", "shapes-preserve"]
     assert written[0]["protocol"]["scorer"] == "shapes-judge" and written[0]["protocol"]["steps"] == 25
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert page.count("<img") == 2 * 8 + 2 * 8  # first 8 images of each suite, base and edited

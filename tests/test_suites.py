@@ -87,6 +87,31 @@ def test_eval_command_scores_a_model_next_to_a_run(tmp_path: Path) -> None:
     (suite,) = json.loads((tmp_path / "eval" / "metrics.json").read_text())["suites"]
     assert suite["n"] == 8 and suite["metrics"]["target_shown"] == 1.0  # the base model draws red
     assert suite["base_metrics"]["erased"] >= 0.9  # the run (compared) no longer does; measured 1.0
+    _check_report(tmp_path / "eval", images=2 * 8)  # both models' strips, 8 prompts each
     bad = CliRunner().invoke(app, ["eval", "builtin:shapes", "--suite", "shapes-explicit", "--option", "target=mauve"])
     said = " ".join(bad.output.replace("│", " ").split())  # rich wraps the message in a box
     assert bad.exit_code == 2 and "unknown concept 'mauve'" in said and "--option" in said
+
+
+def _check_report(folder: Path, images: int) -> None:
+    """The HTML report parses, and every image in it is a PNG that decodes; the Markdown has the table."""
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    sources: list[str] = []
+
+    class Images(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            if tag == "img":
+                sources.append(dict(attrs)["src"] or "")
+
+    Images().feed((folder / "report.html").read_text())
+    assert len(sources) == images
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
+            assert image.size == (32, 32)
+    assert "| target_shown |" in (folder / "report.md").read_text()

@@ -12,7 +12,6 @@ import platform
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -235,7 +234,7 @@ def apply_cmd(
                     "changed": result.changed,
                     "edits": [o.as_dict() for o in result.outcomes],
                     "dry_run": dry_run,
-                    "evaluation": [asdict(r) for r in result.evaluation],
+                    "evaluation": [r.as_dict() for r in result.evaluation],
                     **({"plan": result.manifest} if dry_run else {}),
                 },
                 indent=2,
@@ -345,6 +344,7 @@ def eval_cmd(
     from conceptedit.evaluation import evaluate, print_results, write_metrics
     from conceptedit.generation import load_target
     from conceptedit.recipe.schema import EvaluateSpec
+    from conceptedit.report import write_report
 
     options: dict[str, Any] = {}
     for item in option or []:
@@ -368,10 +368,11 @@ def eval_cmd(
     results = evaluate(pipeline, specs, host=plugin_host, base_pipeline=base, reporter=Reporter(quiet=quiet))
     if out_dir is not None:
         write_metrics(out_dir / "metrics.json", results)
+        write_report(out_dir, results, labels=(compare or "", target))
     if not quiet:
         print_results(results, out, labels=(compare or "", target))
         if out_dir is not None:
-            out.print(f"wrote {out_dir / 'metrics.json'}")
+            out.print(f"wrote {out_dir / 'metrics.json'}, report.md and report.html")
 
 
 @app.command()

@@ -52,6 +52,7 @@ from conceptedit.models.loading import LoadedModel, load_model, state_digest
 from conceptedit.plugins import PluginHost, get_host
 from conceptedit.recipe.loader import LoadedRecipe, load_recipe
 from conceptedit.recipe.schema import GroupBase
+from conceptedit.report import write_report
 from conceptedit.results import EditOutcome, RunResult
 
 RESOLVED_FILE = "recipe.resolved.yaml"
@@ -202,6 +203,7 @@ def apply(
                 reporter=run.reporter,
             )
             write_metrics(staging / "metrics.json", evaluation)
+            write_report(staging, evaluation)
         manifest = _write_run(run, base, outcomes, changed, started, guards) if state.is_main_process else {}
         state.wait_for_everyone()
         if state.is_main_process:
