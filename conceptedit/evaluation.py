@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -167,11 +169,25 @@ def _score(
     pipeline: Any, prompts: Sequence[SuitePrompt], spec: EvaluateSpec, host: PluginHost, evaluator: Any, bar: Any,
     weights: AbstractContextManager[Any],
 ) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Images (the first :data:`EXAMPLES`; None after) and scores of every prompt, in order.
+
+    Under ``accelerate launch`` / torchrun each process takes every n-th prompt and the results
+    are gathered: seeds are per image, so the split changes no image and no number.
+    """
+    state = PartialState()
+    mine = list(range(state.process_index, len(prompts), state.num_processes))
     with weights:
-        images = render(pipeline, prompts, steps=spec.steps, guidance=spec.guidance, batch_size=spec.batch_size,
-                        host=host, progress=bar)
-    samples = [Sample(p.text, p.seed, image, p.labels) for p, image in zip(prompts, images, strict=True)]
-    return images, evaluator.score(samples)
+        images = render(pipeline, [prompts[i] for i in mine], steps=spec.steps, guidance=spec.guidance,
+                        batch_size=spec.batch_size, host=host, progress=bar)
+    samples = [Sample(prompts[i].text, prompts[i].seed, image, prompts[i].labels) for i, image in zip(mine, images,
+                                                                                                       strict=True)]
+    rows = [(i, image if i < EXAMPLES else None, score)
+            for i, image, score in zip(mine, images, evaluator.score(samples), strict=True)]
+    if state.num_processes > 1:
+        rows = sorted(gather_object(rows), key=lambda row: row[0])
+    if [row[0] for row in rows] != list(range(len(prompts))):
+        raise RuntimeError(f"gathered {len(rows)} results for {len(prompts)} prompts: a process lost or repeated some")
+    return [row[1] for row in rows], [row[2] for row in rows]
 
 
 def write_metrics(path: Path, results: Sequence[SuiteResult]) -> None:

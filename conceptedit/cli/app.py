@@ -337,6 +337,7 @@ def eval_cmd(
 ) -> None:
     """Score a model or a run on prompt suites, optionally next to another model (--compare)."""
     import yaml
+    from accelerate import PartialState
     from pydantic import ValidationError
 
     from conceptedit.engine.progress import Reporter
@@ -362,10 +363,15 @@ def eval_cmd(
             known = ", ".join(cls.Options.model_fields)
             raise typer.BadParameter(f"{name}: {problems} (its options: {known})", param_hint="--option") from None
     specs = [EvaluateSpec(suite=name, options=options, limit=limit, steps=steps, guidance=guidance) for name in suite]
-    where = resolve_device(device)
+    state = PartialState(cpu=device == "cpu")  # under accelerate launch: one share of the prompts per process
+    where = state.device if state.num_processes > 1 and device != "cpu" else resolve_device(device)
     pipeline, _ = load_target(target, device=where)
     base = load_target(compare, device=where)[0] if compare else None
-    results = evaluate(pipeline, specs, host=plugin_host, base_pipeline=base, reporter=Reporter(quiet=quiet))
+    main = state.is_main_process
+    reporter = Reporter(quiet=quiet or not main)
+    results = evaluate(pipeline, specs, host=plugin_host, base_pipeline=base, reporter=reporter)
+    if not main:
+        return
     if out_dir is not None:
         write_metrics(out_dir / "metrics.json", results)
         write_report(out_dir, results, labels=(compare or "", target))

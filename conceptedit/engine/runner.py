@@ -197,13 +197,14 @@ def apply(
             adapter=adapter,
         )
         evaluation = []
-        if recipe_model.evaluate and state.is_main_process:
+        if recipe_model.evaluate:  # every process generates its share of the prompts; the main one writes
             evaluation = evaluate(
                 run.pipeline, recipe_model.evaluate, host=host, base_weights=lambda: _base_model(run),
                 reporter=run.reporter,
             )
-            write_metrics(staging / "metrics.json", evaluation)
-            write_report(staging, evaluation)
+            if state.is_main_process:
+                write_metrics(staging / "metrics.json", evaluation)
+                write_report(staging, evaluation)
         manifest = _write_run(run, base, outcomes, changed, started, guards) if state.is_main_process else {}
         state.wait_for_everyone()
         if state.is_main_process:
