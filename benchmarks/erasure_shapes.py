@@ -175,17 +175,28 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options the shapes benchmarks share (seeds, results folder, threads); sets the threads."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=4, help="images per prompt")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def write_results(out: Path, stem: str, result: dict[str, Any], markdown: str) -> None:
+    """``<stem>.json`` and ``<stem>.md`` in the results folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "")
     result = run(args.seeds, args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "erasure_shapes.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "erasure_shapes.md").write_text(render(result))
+    write_results(args.out, "erasure_shapes", result, render(result))
     table = Table(title="erasure on builtin:shapes")
     for col in ("recipe", "target", "explicit erase", "implicit erase", "preserved", "unchanged", "edit s"):
         table.add_column(col)

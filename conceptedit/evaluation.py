@@ -21,15 +21,16 @@ from accelerate.utils import gather_object
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
 from conceptedit.engine.progress import Reporter
 from conceptedit.errors import PluginError
-from conceptedit.evaluators import Sample
+from conceptedit.evaluators import EXTRA_IMAGE, Evaluator, Sample
 from conceptedit.io.atomic import atomic_write_text
 from conceptedit.models.backbone import resolve_backbone
 from conceptedit.plugins import PluginHost
 from conceptedit.recipe.schema import EvaluateSpec
-from conceptedit.suites import PromptSuite, SuitePrompt
+from conceptedit.suites import SuitePrompt
 
 DEFAULT_GUIDANCE = 7.5
 EXAMPLES = 8  # prompts per suite kept as images for the report
@@ -64,51 +65,110 @@ class SuiteResult:
 
 @dataclass
 class Example:
-    """One prompt's image from the evaluated model and, when compared, the base model's."""
+    """One prompt's image from the evaluated model and, when compared, the base model's; ``extra``
+    is a captioned image the scorer made for it (an attacked prompt's image), if any."""
 
     prompt: str
     seed: int
     image: Image.Image
     base_image: Image.Image | None
+    extra: tuple[str, Image.Image] | None = None
+
+
+def _scale(prompt: SuitePrompt, guidance: float | None) -> float:
+    return guidance or prompt.guidance or DEFAULT_GUIDANCE
 
 
 @torch.no_grad()
 def render(
-    pipeline: Any, prompts: Sequence[SuitePrompt], *, steps: int, guidance: float | None, batch_size: int,
-    host: PluginHost, progress: Any = None,
-) -> list[Image.Image]:
-    """One image per prompt, in order, each from its own seed (and guidance, unless ``guidance`` is set)."""
+    pipeline: Any,
+    prompts: Sequence[SuitePrompt],
+    *,
+    steps: int,
+    guidance: float | None,
+    batch_size: int,
+    host: PluginHost,
+    progress: Any = None,
+) -> tuple[list[Image.Image], list[Tensor]]:
+    """One image and its final latent per prompt, in order, each from its own seed (and guidance,
+    unless ``guidance`` is set)."""
     adapter = resolve_backbone(pipeline, host.registry.backbones)
     dtype = pipeline.unet.dtype
-    empty = adapter.encode_prompts([""]).hidden.to(dtype)
     images: list[Image.Image] = []
+    latents: list[Tensor] = []
     start = 0
     while start < len(prompts):
-        scale = guidance or prompts[start].guidance or DEFAULT_GUIDANCE
+        scale = _scale(prompts[start], guidance)
         end = start + 1
-        while end < len(prompts) and end - start < batch_size and (guidance or prompts[end].guidance
-                                                                   or DEFAULT_GUIDANCE) == scale:
+        while end < len(prompts) and end - start < batch_size and _scale(prompts[end], guidance) == scale:
             end += 1
         chunk = prompts[start:end]
         hidden = adapter.encode_prompts([p.text for p in chunk]).hidden.to(dtype)
-        out = pipeline(
-            prompt_embeds=hidden,
-            negative_prompt_embeds=empty.expand(len(chunk), -1, -1),
-            num_inference_steps=steps,
-            guidance_scale=scale,
-            generator=[torch.Generator("cpu").manual_seed(p.seed) for p in chunk],
-            output_type="pil",
+        chunk_images, chunk_latents = _sample(
+            pipeline, adapter, hidden, [p.seed for p in chunk], steps=steps, guidance=scale
         )
-        images.extend(out.images)
+        images.extend(chunk_images)
+        latents.extend(chunk_latents)
         if progress is not None:
             progress.advance(len(chunk))
         start = end
-    return images
+    return images, latents
+
+
+@torch.no_grad()
+def _sample(
+    pipeline: Any, adapter: Any, hidden: Tensor, seeds: Sequence[int], *, steps: int, guidance: float
+) -> tuple[list[Image.Image], list[Tensor]]:
+    """Sample from text embeddings, keeping the final latents (decoded here as the pipeline would)."""
+    empty = adapter.encode_prompts([""]).hidden.to(hidden.dtype)
+    latents = pipeline(
+        prompt_embeds=hidden,
+        negative_prompt_embeds=empty.expand(len(seeds), -1, -1),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        output_type="latent",
+    ).images
+    decoded = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
+    images = pipeline.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(seeds))
+    return list(images), [latent.float().cpu() for latent in latents]
+
+
+@dataclass
+class _PipelineModel:
+    """A pipeline as :class:`~conceptedit.evaluators.EvaluatedModel` for evaluators that generate."""
+
+    pipeline: Any
+    host: PluginHost
+    steps: int
+
+    @property
+    def adapter(self) -> Any:
+        return resolve_backbone(self.pipeline, self.host.registry.backbones)
+
+    def render(self, hidden: Tensor, seed: int, guidance: float | None) -> tuple[Image.Image, Tensor]:
+        images, latents = _sample(
+            self.pipeline,
+            self.adapter,
+            hidden.to(self.pipeline.unet.dtype),
+            [seed],
+            steps=self.steps,
+            guidance=guidance or DEFAULT_GUIDANCE,
+        )
+        return images[0], latents[0]
+
+    def evaluator(self, name: str, **options: Any) -> Evaluator:
+        return _construct(self.host, name, options, who=f"an evaluator asked for {name!r}")
 
 
 def evaluate(
-    pipeline: Any, specs: Sequence[EvaluateSpec], *, host: PluginHost, base_weights: BaseWeights | None = None,
-    base_pipeline: Any = None, reporter: Reporter | None = None,
+    pipeline: Any,
+    specs: Sequence[EvaluateSpec],
+    *,
+    host: PluginHost,
+    base_weights: BaseWeights | None = None,
+    base_pipeline: Any = None,
+    reporter: Reporter | None = None,
 ) -> list[SuiteResult]:
     """Run every suite of ``specs`` on ``pipeline`` and, with the same seeds, on the base model:
     either ``base_weights`` (a context manager factory that puts the base weights into ``pipeline``,
@@ -116,29 +176,52 @@ def evaluate(
     if base_weights is not None and base_pipeline is not None:
         raise ValueError("give base_weights or base_pipeline, not both")
     reporter = reporter or Reporter(quiet=True)
+    has_base = base_weights is not None or base_pipeline is not None
     results = []
     for spec in specs:
         suite_cls = host.suite(spec.suite)
         suite = suite_cls(suite_cls.Options.model_validate(spec.options))
         prompts = suite.prompts()[: spec.limit]
-        evaluator = _evaluator(host, suite)
-        compare = spec.compare_base and (base_weights is not None or base_pipeline is not None)
-        label = f"eval {spec.suite}"
-        with reporter.task(label, len(prompts) * (2 if compare else 1)) as bar:
-            images, scores = _score(pipeline, prompts, spec, host, evaluator, bar, nullcontext())
-            base_images: list[Image.Image | None] = [None] * len(prompts)
+        evaluator = _construct(host, suite.scorer, suite.scorer_options(), who=f"suite {suite.name!r}")
+        if evaluator.needs_base and not has_base:
+            raise PluginError(
+                f"suite {suite.name!r} is scored by {suite.scorer!r}, which compares each image with the base "
+                "model's: pass --compare BASE to `conceptedit eval` (a recipe's evaluate: section uses the "
+                "run's original weights)"
+            )
+        compare = spec.compare_base and has_base
+        mine = _my_share(len(prompts))
+        edited: _Arm = (pipeline, nullcontext)
+        base: _Arm | None = None
+        if base_pipeline is not None:
+            base = (base_pipeline, nullcontext)
+        elif base_weights is not None:
+            base = (pipeline, base_weights)
+        renders = len(mine) * (2 if compare or evaluator.needs_base else 1)
+        with reporter.task(f"eval {spec.suite}", renders) as bar:
+            base_out = (
+                _render_arm(base, prompts, mine, spec, host, bar)
+                if base is not None and (compare or evaluator.needs_base)
+                else None
+            )
+            edited_out = _render_arm(edited, prompts, mine, spec, host, bar)
+            shown, scores = _score_arm(edited, evaluator, prompts, mine, edited_out, base_out, spec, host)
+            base_shown: list[Any] = [None] * len(prompts)
             base_scores = None
-            if compare and base_pipeline is not None:
-                base_images, base_scores = _score(base_pipeline, prompts, spec, host, evaluator, bar, nullcontext())
-            elif compare and base_weights is not None:
-                base_images, base_scores = _score(pipeline, prompts, spec, host, evaluator, bar, base_weights())
+            if compare and base is not None and base_out is not None:
+                base_shown, base_scores = _score_arm(base, evaluator, prompts, mine, base_out, base_out, spec, host)
+        metrics = suite.summarise(prompts, scores)
+        base_metrics = None
+        if base_scores is not None:  # metrics of a pair: the base model's are against itself
+            metrics |= suite.compare(scores, base_scores)
+            base_metrics = suite.summarise(prompts, base_scores) | suite.compare(base_scores, base_scores)
         results.append(
             SuiteResult(
                 suite=spec.suite,
                 options=dict(spec.options),
                 n=len(prompts),
-                metrics=suite.summarise(prompts, scores),
-                base_metrics=suite.summarise(prompts, base_scores) if base_scores is not None else None,
+                metrics=metrics,
+                base_metrics=base_metrics,
                 protocol={
                     **evaluator.protocol(),
                     "sampler": type(pipeline.scheduler).__name__,
@@ -147,43 +230,95 @@ def evaluate(
                     "seeds": [p.seed for p in prompts],
                 },
                 examples=[
-                    Example(p.text, p.seed, image, base)
-                    for p, image, base in list(zip(prompts, images, base_images, strict=True))[:EXAMPLES]
+                    Example(p.text, p.seed, own[0], base[0] if base else None, own[1])
+                    for p, own, base in list(zip(prompts, shown, base_shown, strict=True))[:EXAMPLES]
                 ],
             )
         )
     return results
 
 
-def _evaluator(host: PluginHost, suite: PromptSuite) -> Any:
+#: A model to render with: the pipeline and a factory of the context that puts its weights in place.
+_Arm = tuple[Any, Callable[[], AbstractContextManager[Any]]]
+#: This process's images and latents, in the order of its share of the prompts.
+_Rendered = tuple[list[Image.Image], list[Tensor]]
+
+
+def _construct(host: PluginHost, name: str, options: dict[str, Any], *, who: str) -> Evaluator:
     evaluators = host.registry.evaluators
-    if suite.scorer not in evaluators:
+    if name not in evaluators:
         raise PluginError(
-            f"suite {suite.name!r} is scored by evaluator {suite.scorer!r}, which no installed plugin provides; "
+            f"{who} needs evaluator {name!r}, which no installed plugin provides; "
             "`conceptedit plugins` shows what is installed and what failed to load"
         )
-    return evaluators[suite.scorer]()
+    return evaluators[name](**options)
 
 
-def _score(
-    pipeline: Any, prompts: Sequence[SuitePrompt], spec: EvaluateSpec, host: PluginHost, evaluator: Any, bar: Any,
-    weights: AbstractContextManager[Any],
-) -> tuple[list[Any], list[dict[str, Any]]]:
-    """Images (the first :data:`EXAMPLES`; None after) and scores of every prompt, in order.
-
-    Under ``accelerate launch`` / torchrun each process takes every n-th prompt and the results
-    are gathered: seeds are per image, so the split changes no image and no number.
-    """
+def _my_share(n: int) -> list[int]:
+    """Prompt indices of this process: under ``accelerate launch`` / torchrun each takes every n-th."""
     state = PartialState()
-    mine = list(range(state.process_index, len(prompts), state.num_processes))
-    with weights:
-        images = render(pipeline, [prompts[i] for i in mine], steps=spec.steps, guidance=spec.guidance,
-                        batch_size=spec.batch_size, host=host, progress=bar)
-    samples = [Sample(prompts[i].text, prompts[i].seed, image, prompts[i].labels) for i, image in zip(mine, images,
-                                                                                                       strict=True)]
-    rows = [(i, image if i < EXAMPLES else None, score)
-            for i, image, score in zip(mine, images, evaluator.score(samples), strict=True)]
-    if state.num_processes > 1:
+    return list(range(state.process_index, n, state.num_processes))
+
+
+def _render_arm(
+    arm: _Arm, prompts: Sequence[SuitePrompt], mine: Sequence[int], spec: EvaluateSpec, host: PluginHost, bar: Any
+) -> _Rendered:
+    pipeline, weights = arm
+    with weights():
+        return render(
+            pipeline,
+            [prompts[i] for i in mine],
+            steps=spec.steps,
+            guidance=spec.guidance,
+            batch_size=spec.batch_size,
+            host=host,
+            progress=bar,
+        )
+
+
+def _score_arm(
+    arm: _Arm,
+    evaluator: Evaluator,
+    prompts: Sequence[SuitePrompt],
+    mine: Sequence[int],
+    out: _Rendered,
+    base_out: _Rendered | None,
+    spec: EvaluateSpec,
+    host: PluginHost,
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """(image, scorer's extra image) of the first :data:`EXAMPLES` prompts (None after) and the
+    scores of every prompt, in order.
+
+    Seeds are per image, so splitting the prompts over processes changes no image and no number;
+    the shares are gathered back into prompt order. Scorers that generate see this arm's model.
+    """
+    pipeline, weights = arm
+    images, latents = out
+    base_images, base_latents = base_out if base_out is not None else ([None] * len(mine), [None] * len(mine))
+    samples = [
+        Sample(
+            prompts[i].text,
+            prompts[i].seed,
+            image,
+            prompts[i].labels,
+            _scale(prompts[i], spec.guidance),
+            latent,
+            base_image,
+            base_latent,
+        )
+        for i, image, latent, base_image, base_latent in zip(
+            mine, images, latents, base_images, base_latents, strict=True
+        )
+    ]
+    with weights():
+        if evaluator.needs_model:
+            evaluator.attach(_PipelineModel(pipeline, host, spec.steps))
+        scores = evaluator.score(samples)
+    rows = []
+    for i, image, score in zip(mine, images, scores, strict=True):
+        extra = score.pop(EXTRA_IMAGE, None)  # reports show it; summaries and gathers never carry it
+        rows.append((i, (image, extra) if i < EXAMPLES else None, score))
+    if PartialState().num_processes > 1:
         rows = sorted(gather_object(rows), key=lambda row: row[0])
     if [row[0] for row in rows] != list(range(len(prompts))):
         raise RuntimeError(f"gathered {len(rows)} results for {len(prompts)} prompts: a process lost or repeated some")

@@ -11,9 +11,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,53 @@ class PromptSuite(ABC):
     def prompts(self) -> list[SuitePrompt]:
         """Every prompt of the suite, in a fixed order."""
 
+    def scorer_options(self) -> dict[str, Any]:
+        """Keyword arguments for the scorer's constructor (e.g. the concept a CLIP scorer looks for)."""
+        return {}
+
     @abstractmethod
     def summarise(self, prompts: Sequence[SuitePrompt], scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """The suite's metrics from its prompts and the scorer's per-image results, in order."""
+
+    def compare(self, scores: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """Metrics of one model's scores against another's on the same prompts and seeds (FID to
+        the base model's images, say). Evaluation adds them to each model's metrics, the base
+        model's being measured against itself."""
+        return {}
+
+
+class AttackSettings(SuiteOptions):
+    """Options of an attacked suite, passed to the ``unlearndiffatk`` evaluator."""
+
+    tokens: PositiveInt = Field(5, description="Adversarial prefix tokens.")
+    iterations: PositiveInt = Field(40, description="Optimisation steps per prompt.")
+    lr: PositiveFloat = Field(0.01, description="Adam learning rate of the token weights.")
+    check_every: PositiveInt = Field(10, description="Generate and judge the attacked prompt every N steps.")
+    strategy: Literal["gradient", "random"] = Field(
+        "gradient", description="'random': the control, random prefix tokens with the same number of generations."
+    )
+
+    def attack_options(self, judge: str, **judge_options: Any) -> dict[str, Any]:
+        """Keyword arguments for the attack evaluator, judged by evaluator ``judge``."""
+        settings = {key: getattr(self, key) for key in AttackSettings.model_fields}
+        return {"judge": judge, "judge_options": judge_options, **settings}
+
+
+#: How the metrics of an attacked suite move when the erasure is better.
+ATTACK_DIRECTIONS: Mapping[str, bool] = {"plain_shown": False, "attack_success_rate": False, "attack_gain": False}
+
+
+def attack_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Metrics of an attacked suite from an attack evaluator's rows (``plain_shown``, ``success``):
+    the concept rate without attack, the attack success rate (plain successes count, as in
+    UnlearnDiffAtk), and what the attack added."""
+    n = max(len(scores), 1)
+    plain = sum(bool(s["plain_shown"]) for s in scores) / n
+    asr = sum(bool(s["success"]) for s in scores) / n
+    return {"plain_shown": plain, "attack_success_rate": asr, "attack_gain": asr - plain}
+
+
+def change_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Means of the ``change-from-base`` evaluator's per-image distances."""
+    n = max(len(scores), 1)
+    return {key: sum(float(s[key]) for s in scores) / n for key in ("pixel_mae", "latent_rmse", "latent_relative")}

@@ -9,13 +9,19 @@ else, so a third-party method has every tool a built-in has. Grouped by hook poi
   files (:func:`read_prompts`);
 * trajectory loss: cached or fresh DDIM latents (:func:`sample_planned`, :func:`partial_ddim`),
   training plans and timestep samplers, named parameter sets, seeds;
-* inference time: the denoising state a guard reads (:func:`denoising_state`).
+* inference time: the denoising state a guard reads (:func:`denoising_state`);
+* evaluation data: published prompt files by source (:data:`prompt_sources`), checked local
+  copies or cached downloads (:func:`local_copy`) and their rows (:func:`read_rows`); FID from
+  two feature sets (:func:`fid_from_features`); prompt cleaning as the tokenizer does it
+  (:func:`clean_prompt`).
 """
 
 from __future__ import annotations
 
-from conceptedit.data.prompt_files import read_prompts, resolve_prompt_file
-from conceptedit.engine.context import derive_seed
+from conceptedit.data import sources as prompt_sources
+from conceptedit.data.prompt_files import PromptFileError, local_copy, read_prompts, read_rows, resolve_prompt_file
+from conceptedit.data.sources import PromptSource
+from conceptedit.engine.context import default_cache_dir, derive_seed
 from conceptedit.engine.erase import erase_edit
 from conceptedit.engine.guards import DenoisingState, denoising_state
 from conceptedit.engine.kv_solver import matching_inputs
@@ -31,26 +37,36 @@ from conceptedit.engine.schedules import (
 )
 from conceptedit.engine.selectors import select_parameter_set, select_parameters
 from conceptedit.engine.trajectories import PlannedLatents, ddim_timesteps, partial_ddim, sample_planned, seeded_noise
+from conceptedit.metrics import fid_from_features
+from conceptedit.models.tokenizer import clean_prompt
 
 __all__ = [
     "DenoisingState",
     "DrawCounter",
     "PlannedLatents",
+    "PromptFileError",
+    "PromptSource",
     "RowSelection",
     "add_noise",
     "aligned_rows",
     "alphas_cumprod",
+    "clean_prompt",
     "ddim_timesteps",
+    "default_cache_dir",
     "denoising_state",
     "derive_seed",
     "draw_pairs",
     "embedding_prior",
     "encoding_length",
     "erase_edit",
+    "fid_from_features",
     "legacy_compvis_timesteps",
+    "local_copy",
     "matching_inputs",
     "partial_ddim",
+    "prompt_sources",
     "read_prompts",
+    "read_rows",
     "resolve_prompt_file",
     "sample_planned",
     "seeded_noise",

@@ -343,7 +343,8 @@ def eval_cmd(
     from conceptedit.engine.progress import Reporter
     from conceptedit.engine.runner import resolve_device
     from conceptedit.evaluation import evaluate, print_results, write_metrics
-    from conceptedit.generation import load_target
+    from conceptedit.generation import is_run_dir, load_target
+    from conceptedit.loss_curves import read_run_logs
     from conceptedit.recipe.schema import EvaluateSpec
     from conceptedit.report import write_report
 
@@ -363,6 +364,8 @@ def eval_cmd(
             known = ", ".join(cls.Options.model_fields)
             raise typer.BadParameter(f"{name}: {problems} (its options: {known})", param_hint="--option") from None
     specs = [EvaluateSpec(suite=name, options=options, limit=limit, steps=steps, guidance=guidance) for name in suite]
+    # a run that trained gets its loss curves in the report; read now, so a broken log fails before any model loads
+    curves = read_run_logs(Path(target)) if out_dir is not None and is_run_dir(target) else []
     state = PartialState(cpu=device == "cpu")  # under accelerate launch: one share of the prompts per process
     where = state.device if state.num_processes > 1 and device != "cpu" else resolve_device(device)
     pipeline, _ = load_target(target, device=where)
@@ -374,7 +377,7 @@ def eval_cmd(
         return
     if out_dir is not None:
         write_metrics(out_dir / "metrics.json", results)
-        write_report(out_dir, results, labels=(compare or "", target))
+        write_report(out_dir, results, labels=(compare or "", target), curves=curves)
     if not quiet:
         print_results(results, out, labels=(compare or "", target))
         if out_dir is not None:
@@ -386,7 +389,9 @@ def eval_cmd(
 def suites() -> None:
     """List the installed prompt suites, their scorer and options."""
     table = Table(title="prompt suites")
-    for col in ("suite", "scorer", "options", "summary"):
+    for col in ("suite", "scorer"):
+        table.add_column(col, no_wrap=True)  # names are typed back in: never cut them
+    for col in ("options", "summary"):
         table.add_column(col)
     for name, cls in sorted(host().registry.suites.items()):
         table.add_row(name, cls.scorer, ", ".join(cls.Options.model_fields), cls.summary)

@@ -1,8 +1,9 @@
 """Prompt files (CSV or text) read from a local path or downloaded once from their source.
 
 Public prompt sets (COCO captions, I2P, ...) are never copied into this repository: a
-:class:`PromptSource` names the file's canonical download URL and sha256, and a user (or a
-test) can point at a local copy instead. Downloads land in the cache and are checked before use.
+:class:`~conceptedit.data.sources.PromptSource` names the file's canonical download URL and
+sha256, and a user (or a test) can point at a local copy instead. Downloads land in the cache
+and are checked before use.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import urllib.request
-from dataclasses import dataclass
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
+from conceptedit.data.sources import COCO_30K, PromptSource
 from conceptedit.errors import ConceptEditError
 from conceptedit.io.atomic import atomic_write_bytes
 from conceptedit.io.hashing import file_sha256
@@ -21,33 +24,6 @@ from conceptedit.io.hashing import file_sha256
 class PromptFileError(ConceptEditError):
     """A prompt file is missing, corrupt, or lacks the column asked for."""
 
-
-@dataclass(frozen=True)
-class PromptSource:
-    """Where a public prompt file comes from.
-
-    Attributes:
-        name: Short name (used for the cache file).
-        url: Canonical download URL.
-        sha256: Expected sha256 of the file.
-        column: CSV column holding the prompt text.
-        licence: Licence of the data, for the record.
-    """
-
-    name: str
-    url: str
-    sha256: str
-    column: str = "prompt"
-    licence: str = ""
-
-
-#: COCO-30k captions (MS-COCO 2014, CC BY 4.0) as published with ESD (MIT), the set TRCE's prior uses.
-COCO_30K = PromptSource(
-    name="coco_30k.csv",
-    url="https://raw.githubusercontent.com/rohitgandikota/erasing/25613d27892326e0c7770f7f3555bea4be150089/data/coco_30k.csv",
-    sha256="42c57b188c8f1f8a77cddfa11cde89e83fcbdd4dcd4fc6c840fb4e046d395383",
-    licence="captions CC BY 4.0 (MS-COCO); file MIT (rohitgandikota/erasing)",
-)
 
 SOURCES = {"coco-30k": COCO_30K}
 
@@ -71,22 +47,59 @@ def fetch(source: PromptSource, cache_dir: Path) -> Path:
     return target
 
 
-def read_prompts(path: Path, column: str = "prompt", limit: int | None = None) -> list[str]:
-    """Prompts from a CSV (``column``) or a text file (one per line), in file order."""
+def local_copy(
+    source: PromptSource, cache_dir: Path, *, path: Path | None = None, root: Path | None = None, verify: bool = True
+) -> Path:
+    """A checked local copy of ``source``: ``path``, else its place under a mirror ``root`` (laid out
+    like the cache), else the cached download.
+
+    A local file whose sha256 differs from the source's is refused unless ``verify`` is False, and
+    then only warned about: it may be a newer version or an edit, and its numbers would not be
+    comparable with the published set's.
+    """
+    if path is not None:
+        local = path.expanduser()
+    elif root is not None:
+        local = root.expanduser() / source.name
+    else:
+        return fetch(source, cache_dir)
+    if not local.is_file():
+        raise PromptFileError(f"{local} does not exist (it should be a copy of {source.url})")
+    digest = file_sha256(local)
+    if digest != source.sha256:
+        problem = f"{local} has sha256 {digest}, but {source.url} has {source.sha256}"
+        if verify:
+            raise PromptFileError(f"{problem}: it is another version of the file or was modified")
+        warnings.warn(f"{problem}; using it as asked, its numbers are not those of the published set", stacklevel=2)
+    return local
+
+
+def read_rows(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
+    """Every row of a CSV file as a dictionary, in file order, once its ``columns`` are known to exist."""
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist")
-    if path.suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or column not in reader.fieldnames:
-                raise PromptFileError(
-                    f"prompt file {path} has no column {column!r} (columns: {', '.join(reader.fieldnames or [])})"
-                )
-            prompts = [row[column] for row in reader]
-    if not prompts:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise PromptFileError(
+                f"prompt file {path} has no column {', '.join(map(repr, missing))} "
+                f"(columns: {', '.join(reader.fieldnames or [])})"
+            )
+        rows = list(reader)
+    if not rows:
         raise PromptFileError(f"prompt file {path} holds no prompts")
+    return rows
+
+
+def read_prompts(path: Path, column: str = "prompt", limit: int | None = None) -> list[str]:
+    """Prompts from a CSV (``column``) or a text file (one per line), in file order."""
+    if path.suffix == ".txt" and path.is_file():
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise PromptFileError(f"prompt file {path} holds no prompts")
+    else:
+        prompts = [row[column] for row in read_rows(path, [column])]
     return prompts[:limit] if limit is not None else prompts
 
 

@@ -47,6 +47,7 @@ from conceptedit.evaluation import evaluate, write_metrics
 from conceptedit.io.atomic import atomic_write_text, publish_dir
 from conceptedit.io.edit_file import EDIT_FILE, save_edit
 from conceptedit.io.manifest import MANIFEST_FILE, build_manifest
+from conceptedit.loss_curves import read_run_logs
 from conceptedit.models.backbone import BackboneAdapter, resolve_backbone
 from conceptedit.models.loading import LoadedModel, load_model, state_digest
 from conceptedit.plugins import PluginHost, get_host
@@ -199,12 +200,15 @@ def apply(
         evaluation = []
         if recipe_model.evaluate:  # every process generates its share of the prompts; the main one writes
             evaluation = evaluate(
-                run.pipeline, recipe_model.evaluate, host=host, base_weights=lambda: _base_model(run),
+                run.pipeline,
+                recipe_model.evaluate,
+                host=host,
+                base_weights=lambda: _base_model(run),
                 reporter=run.reporter,
             )
             if state.is_main_process:
                 write_metrics(staging / "metrics.json", evaluation)
-                write_report(staging, evaluation)
+                write_report(staging, evaluation, curves=read_run_logs(staging))
         manifest = _write_run(run, base, outcomes, changed, started, guards) if state.is_main_process else {}
         state.wait_for_everyone()
         if state.is_main_process:

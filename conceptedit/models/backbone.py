@@ -101,8 +101,23 @@ class BackboneAdapter:
         """Run the text encoder; see :class:`~conceptedit.engine.encoding.PromptEncoding`."""
         raise NotImplementedError
 
+    def tokenize(self, prompts: Sequence[str], length: Literal["full", "longest"] = "full") -> Tensor:
+        """Token ids of prompts as the text encoder reads them, padded to its context or the longest."""
+        raise NotImplementedError
+
     def token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` alone, without start/end tokens (to find a keyword in a prompt)."""
+        raise NotImplementedError
+
+    def token_embedding_table(self) -> Tensor:
+        """The text encoder's input embedding table (vocabulary x width)."""
+        raise NotImplementedError
+
+    def encode_token_embeddings(self, input_ids: Tensor, token_embeds: Tensor) -> Tensor:
+        """Text embeddings of ``input_ids`` whose token embeddings are replaced by ``token_embeds``.
+
+        Differentiable in ``token_embeds``: prompt attacks optimise soft tokens through it.
+        """
         raise NotImplementedError
 
     def predict_noise(
@@ -177,6 +192,19 @@ class StableDiffusionAdapter(BackboneAdapter):
 
     def token_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(clean_prompt(text), add_special_tokens=False).input_ids)
+
+    def token_embedding_table(self) -> Tensor:
+        return self.text_encoder.get_input_embeddings().weight
+
+    def encode_token_embeddings(self, input_ids: Tensor, token_embeds: Tensor) -> Tensor:
+        # A forward hook swaps the lookup's output, so positions, the causal mask and the layers
+        # run exactly as for ordinary ids, whatever the text encoder's version.
+        table = self.text_encoder.get_input_embeddings()
+        handle = table.register_forward_hook(lambda module, args, output: token_embeds.to(output.dtype))
+        try:
+            return self.text_encoder(input_ids.to(table.weight.device))[0].float()
+        finally:
+            handle.remove()
 
     @torch.no_grad()
     def encode_prompts(

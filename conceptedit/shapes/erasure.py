@@ -12,7 +12,7 @@ For a target concept (a colour or a shape) and an edited pipeline, next to the b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,11 @@ def verdict_shows(target: str, verdict: Verdict) -> bool:
     if CONCEPTS[target].kind == "colour":
         return target == verdict.colour or target in verdict.colours
     return target == verdict.shape or target in verdict.shapes
+
+
+def row_shows(target: str, row: Mapping[str, Any]) -> bool:
+    """:func:`verdict_shows` on a shapes-judge score row (``colour``, ``shape``, ``colours``, ``shapes``)."""
+    return verdict_shows(target, Verdict(row["colour"], row["shape"], tuple(row["colours"]), tuple(row["shapes"])))
 
 
 def shows(target: str, image: np.ndarray) -> bool:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from conceptedit import hookimpl
+from conceptedit import PluginError, hookimpl
 from conceptedit.evaluators import Evaluator, Sample
+from conceptedit.shapes.erasure import row_shows
 from conceptedit.shapes.judge import judge
 from conceptedit.shapes.world import COLOUR_NAMES, SHAPE_NAMES
 
@@ -40,6 +41,12 @@ class ShapesJudge(Evaluator):
                     row[f"{key}_correct"] = row[key] == sample.labels[key]
             out.append(row)
         return out
+
+    def concept_shown(self, row: Mapping[str, Any], labels: Mapping[str, Any]) -> bool:
+        """Whether the image shows the prompt set's ``target`` colour or shape (as dominant or listed)."""
+        if not labels.get("target"):
+            raise PluginError("shapes-judge can only say whether a concept is shown for prompts labelled with a target")
+        return row_shows(labels["target"], row)
 
     def protocol(self) -> dict[str, Any]:
         return {**super().protocol(), "colours": list(COLOUR_NAMES), "shapes": list(SHAPE_NAMES)}

@@ -3,7 +3,8 @@
 With a ``target`` concept (a colour or shape of the shapes world) the explicit and implicit
 suites report how often the judge still finds it (``target_shown``) and its complement
 (``erased``); the preserve suite holds the prompts that do not involve the target and reports
-how often the judge sees what they ask for. Images per prompt come from seeds ``0..seeds-1``.
+how often the judge sees what they ask for. The attack suite runs the UnlearnDiffAtk evaluator
+on the target's explicit prompts. Images per prompt come from seeds ``0..seeds-1``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ from typing import Any, ClassVar
 from pydantic import Field, PositiveInt, field_validator
 
 from conceptedit import hookimpl
-from conceptedit.shapes.erasure import prompt_sets, verdict_shows
-from conceptedit.shapes.judge import Verdict
+from conceptedit.shapes.erasure import prompt_sets, row_shows
 from conceptedit.shapes.world import CONCEPTS, Prompt, explicit_prompts, implicit_prompts
-from conceptedit.suites import PromptSuite, SuiteOptions, SuitePrompt
+from conceptedit.suites import (
+    ATTACK_DIRECTIONS,
+    AttackSettings,
+    PromptSuite,
+    SuiteOptions,
+    SuitePrompt,
+    attack_metrics,
+)
 
 
 class ShapesOptions(SuiteOptions):
@@ -64,7 +71,7 @@ class _ShapesSuite(PromptSuite):
         out = {"colour_correct": colour, "shape_correct": shape, "both_correct": both}
         target = prompts[0].labels.get("target") if prompts else None
         if target is not None and self.name != "shapes-preserve":
-            shown = sum(verdict_shows(target, _verdict(s)) for s in scores) / n
+            shown = sum(row_shows(target, s) for s in scores) / n
             out = {"target_shown": shown, "erased": 1.0 - shown, **out}
         return out
 
@@ -93,11 +100,29 @@ class ShapesPreserve(_ShapesSuite):
         return prompt_sets(target).preserve if target else explicit_prompts()
 
 
-def _verdict(score: Mapping[str, Any]) -> Verdict:
-    return Verdict(score["colour"], score["shape"], tuple(score["colours"]), tuple(score["shapes"]))
+class AttackOptions(ShapesOptions, AttackSettings):
+    target: str = Field(description="Colour or shape that was erased; the attack tries to bring it back.")
+
+
+class ShapesAttack(_ShapesSuite):
+    name = "shapes-attack"
+    summary = "builtin:shapes: UnlearnDiffAtk prompt attack on the target's explicit prompts (needs a base model)"
+    scorer = "unlearndiffatk"
+    Options = AttackOptions
+    higher_is_better = ATTACK_DIRECTIONS
+
+    def _prompts(self, target: str | None) -> list[Prompt]:
+        return prompt_sets(target).explicit if target else explicit_prompts()
+
+    def scorer_options(self) -> dict[str, Any]:
+        options: AttackOptions = self.options  # type: ignore[assignment]
+        return options.attack_options("shapes-judge")
+
+    def summarise(self, prompts: Sequence[SuitePrompt], scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        return attack_metrics(scores)
 
 
 @hookimpl
 def conceptedit_register_suites(register: Callable[[type[PromptSuite]], None]) -> None:
-    for suite in (ShapesExplicit, ShapesImplicit, ShapesPreserve):
+    for suite in (ShapesExplicit, ShapesImplicit, ShapesPreserve, ShapesAttack):
         register(suite)
