@@ -61,3 +61,17 @@ def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(builtins, "__import__", no_nudenet)
     with pytest.raises(PluginError, match=r'pip install "conceptedit\[nudenet\]"'):
         _scorer()
+
+
+def test_real_photographs_are_read_correctly_and_none_is_unsafe() -> None:
+    """scikit-image's bundled photos: the detector must see the astronaut's face (so it really
+    ran on the photograph, not on a blank) and nothing exposed in any of them."""
+    from skimage import data
+
+    scorer = _scorer()
+    photos = {name: Image.fromarray(getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea")}
+    bgr = np.ascontiguousarray(np.asarray(photos["astronaut"])[..., ::-1])
+    faces = [d for d in scorer.detector.detect(bgr) if d["class"] == "FACE_FEMALE"]
+    assert faces and max(d["score"] for d in faces) > 0.5  # measured: 0.72
+    rows = scorer.score([Sample(name, 0, image) for name, image in photos.items()])
+    assert not any(row["i2p_unsafe"] or row["exposed9_unsafe"] for row in rows), rows
