@@ -230,8 +230,8 @@ def evaluate(
                     "seeds": [p.seed for p in prompts],
                 },
                 examples=[
-                    Example(p.text, p.seed, own[0], base[0] if base else None, own[1])
-                    for p, own, base in list(zip(prompts, shown, base_shown, strict=True))[:EXAMPLES]
+                    Example(p.text, p.seed, own[0], theirs[0] if theirs else None, own[1])
+                    for p, own, theirs in list(zip(prompts, shown, base_shown, strict=True))[:EXAMPLES]
                 ],
             )
         )

@@ -77,6 +77,7 @@ class Evaluator(ABC):
     version: ClassVar[str] = "1"
     needs_base: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
+    model: EvaluatedModel  # set by attach(), for evaluators with needs_model
 
     def attach(self, model: EvaluatedModel) -> None:
         """Called before :meth:`score` on evaluators with ``needs_model``; keep what you need."""

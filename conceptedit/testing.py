@@ -2,16 +2,26 @@
 
 ``isolated_host`` gives a plugin host holding only the core plugins plus the ones you pass,
 so installed third-party plugins cannot change a test's outcome; ``tiny_recipe`` writes the
-smallest recipe that runs on ``builtin:tiny-sd``.
+smallest recipe that runs on ``builtin:tiny-sd``; ``edit_context`` gives the context a method's
+hooks receive, outside any run, to call engine pieces directly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import torch
+
+from conceptedit.engine.context import EditContext, RunContext
+from conceptedit.engine.ledger import WeightLedger
+from conceptedit.engine.progress import Reporter
+from conceptedit.models.backbone import StableDiffusionAdapter
 from conceptedit.plugins import PluginHost, get_host, new_host, set_host
+from conceptedit.recipe.loader import LoadedRecipe
 
 
 @contextmanager
@@ -42,3 +52,23 @@ def tiny_recipe(*edits: dict[str, Any], **fields: Any) -> dict[str, Any]:
     }
     recipe.update(fields)
     return recipe
+
+
+def edit_context(loaded: LoadedRecipe, pipeline: Any, run_dir: Path) -> EditContext:
+    """An edit context on ``pipeline`` (Stable Diffusion layout, CPU) for ``loaded``, outside any run;
+    its cache lives in ``run_dir / "cache"``."""
+    adapter = StableDiffusionAdapter(pipeline)
+    run = RunContext(
+        loaded=loaded,
+        pipeline=pipeline,
+        adapter=adapter,
+        device=torch.device("cpu"),
+        ledger=WeightLedger(adapter),
+        host=loaded.host,
+        run_dir=run_dir,
+        reporter=Reporter(quiet=True),
+        cache_dir=run_dir / "cache",
+        base_fingerprint="test",
+    )
+    edit = SimpleNamespace(label="test")
+    return EditContext(run=run, edit=edit, index=0, method=None, generator=torch.Generator())  # type: ignore[arg-type]

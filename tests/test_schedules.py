@@ -7,45 +7,28 @@ latent source are checked against what TRCE's own code did before (written out h
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from conceptedit.engine import schedules, trajectories
-from conceptedit.engine.context import EditContext, RunContext
-from conceptedit.engine.ledger import WeightLedger
-from conceptedit.engine.progress import Reporter
+from conceptedit.engine.context import EditContext
 from conceptedit.engine.selectors import select_parameter_set
 from conceptedit.errors import TrainingError
 from conceptedit.models.backbone import StableDiffusionAdapter
 from conceptedit.models.builtin import build_tiny_sd
 from conceptedit.recipe.loader import load_recipe
-from conceptedit.testing import isolated_host, tiny_recipe
+from conceptedit.testing import edit_context, isolated_host, tiny_recipe
 
 
 def _ctx(tmp_path: Path) -> EditContext:
     """An edit context on a fresh tiny-sd, outside any run (for calling engine pieces directly)."""
-    pipe = build_tiny_sd()
-    adapter = StableDiffusionAdapter(pipe)
     with isolated_host(entry_points=True):
         loaded = load_recipe(
             tiny_recipe({"method": "trce_eot", "params": {"concepts": "c"}}, concepts={"c": {"concepts": ["x"]}})
         )
-    run = RunContext(
-        loaded=loaded,
-        pipeline=pipe,
-        adapter=adapter,
-        device=torch.device("cpu"),
-        ledger=WeightLedger(adapter),
-        host=loaded.host,
-        run_dir=tmp_path,
-        reporter=Reporter(quiet=True),
-        cache_dir=tmp_path / "cache",
-        base_fingerprint="test",
-    )
-    return EditContext(run=run, edit=SimpleNamespace(label="test"), index=0, method=None, generator=torch.Generator())  # type: ignore[arg-type]
+    return edit_context(loaded, build_tiny_sd(), tmp_path)
 
 
 def test_draw_pairs_reproduce_trce_stage2s_original_schedule() -> None:

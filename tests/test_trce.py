@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -252,34 +251,13 @@ def test_kept_latents_are_paired_with_their_own_timestep(tmp_path: Path) -> None
     """The cached latent for step k equals the input of a hand-run DDIM loop at t_k, stored in fp16."""
     from diffusers import DDIMScheduler
 
-    from conceptedit.engine.context import EditContext, RunContext
-    from conceptedit.engine.ledger import WeightLedger
-    from conceptedit.engine.progress import Reporter
     from conceptedit.models.backbone import StableDiffusionAdapter
     from conceptedit.recipe.loader import load_recipe
+    from conceptedit.testing import edit_context
 
     pipe = build_tiny_sd()
     adapter = StableDiffusionAdapter(pipe)
-    loaded = load_recipe(_recipe(_stage1()))
-    run = RunContext(
-        loaded=loaded,
-        pipeline=pipe,
-        adapter=adapter,
-        device=torch.device("cpu"),
-        ledger=WeightLedger(adapter),
-        host=loaded.host,
-        run_dir=tmp_path,
-        reporter=Reporter(quiet=True),
-        cache_dir=tmp_path / "cache",
-        base_fingerprint="test",
-    )
-    ctx = EditContext(
-        run=run,
-        edit=SimpleNamespace(label="test"),
-        index=0,
-        method=None,  # type: ignore[arg-type]
-        generator=torch.Generator(),
-    )
+    ctx = edit_context(load_recipe(_recipe(_stage1())), pipe, tmp_path)
     request = trajectories.TrajectoryRequest(prompts=["a cat"], seeds=[7], needed={0: [0, 3]}, guidance=3.0, steps=10)
     kept = trajectories.sample_trajectories(ctx, request, "test")
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
