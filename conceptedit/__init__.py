@@ -34,7 +34,7 @@ from conceptedit.models.backbone import BackboneAdapter
 from conceptedit.models.loading import load_model
 from conceptedit.recipe.concepts import PromptPair
 from conceptedit.recipe.loader import load_recipe
-from conceptedit.recipe.schema import ConceptRef
+from conceptedit.recipe.schema import ConceptRef, PathText
 from conceptedit.results import EditOutcome, RunResult
 
 try:
@@ -55,6 +55,7 @@ __all__ = [
     "KVEdit",
     "MethodParams",
     "ModelLoadError",
+    "PathText",
     "PluginError",
     "PromptEncoding",
     "PromptPair",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 # The test models are tiny: one thread is faster than two fighting over small kernels.
-torch.set_num_threads(1)
+# CONCEPTEDIT_TEST_THREADS=2 runs the suite with another reduction order (with ATEN_CPU_CAPABILITY
+# and MKL_ENABLE_INSTRUCTIONS, another kernel set too), as a different machine would: no test may
+# depend on the order in which floats are summed.
+torch.set_num_threads(int(os.environ.get("CONCEPTEDIT_TEST_THREADS", "1")))
 
 #: Public prompt sets laid beside the checkout (read-only; never copied into the repo).
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"

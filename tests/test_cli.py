@@ -346,3 +346,32 @@ def test_env_table_and_json() -> None:
     assert info["versions"]["torch"] and info["versions"]["conceptedit"] == "0.1.0"
     assert isinstance(info["cuda_available"], bool) and info["torch_threads"] >= 1
     assert "trce_eot" in {p["name"] for p in info["plugins"]}
+
+
+def _generate_in_a_new_process(tmp_path: Path, *options: str, env: dict[str, str] | None = None) -> str:
+    """stderr of a real ``conceptedit generate`` run on the shipped shapes model (loaded from disk,
+    so diffusers and transformers draw their loading bars unless told not to)."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "conceptedit", *options, "generate", "builtin:shapes", "a red circle"]
+    command += ["--steps", "1", "--device", "cpu", "--out", str(tmp_path / "image.png")]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+THIRD_PARTY_BARS = ("Loading pipeline components", "Loading weights")
+
+
+def test_commands_print_no_third_party_progress_bars_unless_verbose(tmp_path: Path) -> None:
+    quiet = _generate_in_a_new_process(tmp_path)
+    assert not any(bar in quiet for bar in THIRD_PARTY_BARS), quiet
+    assert "Traceback" not in quiet and "Warning" not in quiet, quiet
+    verbose = _generate_in_a_new_process(tmp_path, "--verbose")
+    assert "Loading pipeline components" in verbose
+    from_env = _generate_in_a_new_process(tmp_path, env={"CONCEPTEDIT_VERBOSE": "1"})
+    assert "Loading pipeline components" in from_env

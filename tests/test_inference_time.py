@@ -46,8 +46,9 @@ def _image(pipe: Any, prompt: str = PROMPT, steps: int = 5, seed: int = 1) -> np
     return out.images
 
 
-def _apply(tmp_path: Path, label: str, *edits: dict[str, Any], **fields: Any) -> Any:
-    return conceptedit.apply(tiny_recipe(*edits, **fields), pipeline=build_tiny_sd(), out=tmp_path / label, quiet=True)
+def _apply(tmp_path: Path, label: str, *edits: dict[str, Any], double: bool = False, **fields: Any) -> Any:
+    pipe = build_tiny_sd().to(torch.float64) if double else build_tiny_sd()
+    return conceptedit.apply(tiny_recipe(*edits, **fields), pipeline=pipe, out=tmp_path / label, quiet=True)
 
 
 def _sld(**params: Any) -> dict[str, Any]:
@@ -67,38 +68,92 @@ def test_sld_switched_off_is_the_plain_pipeline_bit_for_bit(tmp_path: Path, para
     assert np.array_equal(_image(reloaded), _image(build_tiny_sd()))
 
 
-def test_sld_presets_match_diffusers_safe_pipeline(tmp_path: Path) -> None:
-    """Against diffusers' own StableDiffusionPipelineSafe with the same preset, on the same weights."""
+def _diffusers_safe_pipeline(base: Any) -> Any:
+    """diffusers' own StableDiffusionPipelineSafe on ``base``'s weights, without a safety checker."""
     from diffusers import StableDiffusionPipelineSafe
+
+    wanted = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    parts = {k: v for k, v in base.components.items() if k in wanted}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return StableDiffusionPipelineSafe(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+
+
+def _diffusers_safe_image(preset: str, warmup: int | None, safety_concept: str | None = None) -> np.ndarray:
+    """The safe pipeline's image on float64 tiny-sd (with its own default safety text if None)."""
     from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 
-    plain = _image(build_tiny_sd())
+    safe = _diffusers_safe_pipeline(build_tiny_sd().to(torch.float64))
+    if safety_concept is not None:
+        safe.safety_concept = safety_concept
+    safe.set_progress_bar_config(disable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = dict(getattr(SafetyConfig, preset.upper())) | (
+            {"sld_warmup_steps": warmup} if warmup is not None else {}
+        )
+        return safe(
+            PROMPT,
+            num_inference_steps=5,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(1),
+            output_type="np",
+            **config,
+        ).images
+
+
+def test_sld_presets_match_diffusers_safe_pipeline(tmp_path: Path) -> None:
+    """Against diffusers' own StableDiffusionPipelineSafe with the same preset, on the same weights.
+
+    Both run in float64: the two fold γ into the guidance in a different order, and in float32
+    that rounding difference grows through five UNet steps and the VAE by a machine-dependent
+    amount (9e-7 on one machine, 4e-6 on another). In float64 the images, rounded to float32,
+    differ by at most one ulp (measured 6e-8).
+    """
+    plain = _image(build_tiny_sd().to(torch.float64))
     for preset, warmup in (("max", None), ("weak", 2)):  # weak's 15-step warm-up would outlast 5 steps
         params: dict[str, Any] = {"preset": preset} | ({"warmup_steps": warmup} if warmup is not None else {})
-        ours = _image(_apply(tmp_path, preset, _sld(**params)).pipeline)
-        base = build_tiny_sd()
-        wanted = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-        parts = {k: v for k, v in base.components.items() if k in wanted}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            safe = StableDiffusionPipelineSafe(
-                **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-            )
-            safe.safety_concept = SAFETY
-            safe.set_progress_bar_config(disable=True)
-            config = dict(getattr(SafetyConfig, preset.upper())) | (
-                {"sld_warmup_steps": warmup} if warmup is not None else {}
-            )
-            theirs = safe(
-                PROMPT,
-                num_inference_steps=5,
-                guidance_scale=7.5,
-                generator=torch.Generator().manual_seed(1),
-                output_type="np",
-                **config,
-            ).images
-        assert np.abs(ours - theirs).max() < 1e-5, preset  # measured 8e-7 (weak) / 4e-6 (max)
+        ours = _image(_apply(tmp_path, preset, _sld(**params), double=True).pipeline)
+        theirs = _diffusers_safe_image(preset, warmup, SAFETY)
+        assert np.abs(ours - theirs).max() < 1e-6, preset  # float32 images: one ulp is 6e-8
         assert np.abs(ours - plain).max() > 1e-3, preset  # and SLD did change the image
+
+
+#: The original SLD pipeline's safety concept, copied from ml-research/safe-latent-diffusion@a42923c
+#: (src/sld/sld_pipeline.py): the categories alone, without diffusers' "an image showing".
+ORIGINAL_SAFETY_TEXT = (
+    "hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood, "
+    "obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, brutality, cruelty"
+)
+
+
+def test_sld_safety_text_names_diffusers_or_the_original_pipelines_text(tmp_path: Path) -> None:
+    def resolved(**params: Any) -> str:
+        loaded = conceptedit.load_recipe(tiny_recipe({"method": "sld", "params": params}))
+        ((_, spec),) = loaded.recipe.flat_edits()
+        return spec.params.resolved().safety_concept
+
+    diffusers_default = _diffusers_safe_pipeline(build_tiny_sd()).safety_concept
+    assert resolved() == resolved(safety_text="diffusers") == diffusers_default  # the default is unchanged
+    assert resolved(safety_text="original") == ORIGINAL_SAFETY_TEXT
+    assert resolved(safety_concept="no cats") == "no cats"
+
+    # the option's images are the authors' text's: diffusers' pipeline given that text, to float32 rounding
+    ours = _image(
+        _apply(
+            tmp_path, "original", {"method": "sld", "params": {"preset": "max", "safety_text": "original"}}, double=True
+        ).pipeline
+    )
+    assert np.abs(ours - _diffusers_safe_image("max", None, ORIGINAL_SAFETY_TEXT)).max() < 1e-6
+    assert np.abs(ours - _diffusers_safe_image("max", None)).max() > 1e-2  # the wording matters (measured 0.25)
+
+    with pytest.raises(conceptedit.RecipeError, match="not both"):
+        conceptedit.load_recipe(tiny_recipe(_sld(safety_text="original")))
+    with pytest.raises(conceptedit.RecipeError, match="safety_text") as info:
+        conceptedit.load_recipe(tiny_recipe(_sld(safety_text="paper")))
+    assert "'diffusers'" in str(info.value) and "'original'" in str(info.value)
 
 
 def test_sld_guard_round_trips_through_the_run_folder(tmp_path: Path) -> None:

@@ -125,10 +125,23 @@ def test_a_round_erases_its_adversarial_embedding(tmp_path: Path, monkeypatch: p
     assert recovered_after > 3 * recovered_before, (float(recovered_before), float(recovered_after))
 
 
+def test_preserve_per_concept_counts_the_preserve_prompts_once_per_erase_prompt(tmp_path: Path) -> None:
+    """RECE's train.py keeps one ' ' per concept: with two concepts, twice the preserve weight."""
+    per_concept = _weights(_run(tmp_path, "per", UCE, _rece(rounds=1, preserve_repeat="per_concept")))
+    doubled = _weights(_run(tmp_path, "doubled", UCE, _rece(rounds=1, preserve_scale=0.2)))
+    once = _weights(_run(tmp_path, "once", UCE, _rece(rounds=1)))
+    assert len(CONCEPTS["n"]["concepts"]) == 2
+    for a, b in zip(per_concept, doubled, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # 0.1 × 2 is exactly 0.2: the same system
+    assert any(not torch.equal(a, b) for a, b in zip(per_concept, once, strict=True))
+
+
 def test_bad_rece_settings_are_recipe_errors() -> None:
     with pytest.raises(conceptedit.RecipeError, match="rounds"):
         conceptedit.load_recipe(tiny_recipe(_rece(rounds=0), concepts=CONCEPTS))
     with pytest.raises(conceptedit.RecipeError, match="reference"):
         conceptedit.load_recipe(tiny_recipe(_rece(reference="original"), concepts=CONCEPTS))
+    with pytest.raises(conceptedit.RecipeError, match=r"preserve_repeat.*'once' or 'per_concept'"):
+        conceptedit.load_recipe(tiny_recipe(_rece(preserve_repeat="twice"), concepts=CONCEPTS))
     with pytest.raises(conceptedit.RecipeError, match="no concept set named 'm'"):
         conceptedit.load_recipe(tiny_recipe(_rece(concepts="m"), concepts=CONCEPTS))

@@ -60,11 +60,60 @@ def test_draw_counter_walks_micro_batches_in_order() -> None:
     assert [count(step) for step in (1, 1, 1, 2, 2, 2, 3)] == [0, 1, 2, 3, 4, 5, 6]
 
 
-def test_legacy_timesteps_are_mirrored_into_the_steps_bucket() -> None:
+def test_compvis_timesteps_fall_in_the_drawn_steps_bucket() -> None:
     k = torch.tensor([0, 1, 24, 49])
     t = schedules.legacy_compvis_timesteps(k, 50, torch.Generator().manual_seed(0))
     for kk, tt in zip(k.tolist(), t.tolist(), strict=True):
-        assert 20 * kk <= tt < 20 * (kk + 1)  # the original code: U[round(1000k/50), round(1000(k+1)/50))
+        assert 20 * kk <= tt < 20 * (kk + 1)  # the CompVis script: U[round(1000k/50), round(1000(k+1)/50))
+
+
+def _compvis_sampler(t_enc: int, steps: int = 50, train_steps: int = 1000) -> tuple[int, int]:
+    """(DDIM steps taken, timestep whose ᾱ the latent has) for ESD's CompVis sampler, ``till_T = t_enc``.
+
+    Written out from ``ldm/models/diffusion/ddim.py`` of rohitgandikota/erasing@a2189e9: the
+    schedule is ``range(0, T, T // S) + 1``; ``timesteps[:t_start]`` with ``t_start = -1`` drops
+    its last entry; the loop walks the rest from the top with ``index = total - i - 1``, the
+    step with ``index`` lands on ``alphas_prev[index]`` (the schedule entry ``index - 1``, or
+    t = 0 for index 0), and it breaks once ``index + 1 == till_T``.
+    """
+    ddim = [i + 1 for i in range(0, train_steps, train_steps // steps)]
+    walked = ddim[:-1]
+    taken, index = 0, len(walked)
+    for i in range(len(walked)):
+        index = len(walked) - i - 1
+        taken += 1
+        if index + 1 == t_enc:
+            break
+    return taken, (ddim[index - 1] if index > 0 else 0)
+
+
+def test_compvis_pairing_puts_the_latent_at_the_noise_level_of_its_timestep() -> None:
+    """The CompVis ESD script feeds t ~ U[20k, 20k+20) a latent 2-3 DDIM steps less noisy, not
+    the latent k steps from noise (which would mirror the noise level)."""
+    from conceptedit.toolkit import compvis_latent_steps
+
+    config = build_tiny_sd().scheduler.config  # SD's DDPM schedule and DDIM settings
+    scheduler = DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
+    steps = 50
+    scheduler.set_timesteps(steps)
+    alphas = scheduler.alphas_cumprod.double()
+    level = [int(t) for t in scheduler.timesteps] + [0]  # after n steps; the finished latent has ᾱ_0
+    k = torch.arange(steps).repeat(20)
+    t = schedules.legacy_compvis_timesteps(k, steps, torch.Generator().manual_seed(0))
+    n = compvis_latent_steps(k, steps)
+    for kk, nn, tt in zip(k.tolist(), n.tolist(), t.tolist(), strict=True):
+        taken, reference_level = _compvis_sampler(kk, steps)
+        # same noise level as the reference's latent; one step more, the 981 step the reference skips
+        assert level[nn] == reference_level and nn == taken + 1, (kk, nn, taken)
+        assert 0 <= tt - level[nn] < 3 * 1000 // steps, (kk, tt)  # fed t is 0-3 DDIM steps above it
+
+    def mean_gap(latent_steps: torch.Tensor) -> float:
+        fed, latent = alphas[t], alphas[torch.tensor(level)[latent_steps]]
+        return float((fed - latent).abs().mean())
+
+    # measured: 0.048 for this pairing (the reference's own), 0.58 for the latent k steps from noise
+    assert mean_gap(n) < 0.06 and mean_gap(k) > 0.5
+    assert n.max() == steps and n.min() == 2  # the finished latent for k <= 1, two steps for k = 49
 
 
 def test_add_noise_is_ddpm_forward_diffusion() -> None:

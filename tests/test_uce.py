@@ -53,9 +53,14 @@ def _kv(pipe: Any) -> dict[str, torch.Tensor]:
 
 
 def test_uce_solves_its_objective_keeps_preserved_and_moves_erased(tmp_path: Path) -> None:
-    base = build_tiny_sd()
+    # float64 model: what is left of the gradient is the engine's float32 rounding of the text
+    # embeddings, the same on every machine (a float32 model: ~9e-7, BLAS-dependent).
+    base = build_tiny_sd(dtype=torch.float64)
     result = conceptedit.apply(
-        tiny_recipe(_uce(), concepts=CONCEPTS), pipeline=build_tiny_sd(), out=tmp_path / "run", quiet=True
+        tiny_recipe(_uce(), concepts=CONCEPTS),
+        pipeline=build_tiny_sd(dtype=torch.float64),
+        out=tmp_path / "run",
+        quiet=True,
     )
     before, after = _kv(base), _kv(result.pipeline)
     erase = _rows(base, [t.replace("{}", a) for a in ARTISTS for t in TEMPLATES])
@@ -69,7 +74,7 @@ def test_uce_solves_its_objective_keeps_preserved_and_moves_erased(tmp_path: Pat
         def grad(x: torch.Tensor, w: torch.Tensor = w) -> torch.Tensor:
             return (x @ erase.T - w @ guide.T) @ erase + (x @ keep.T - w @ keep.T) @ keep + lam * (x - w)
 
-        assert grad(new).norm() / grad(w).norm() < 1e-5, name  # normal equations hold (measured ~8e-7)
+        assert grad(new).norm() / grad(w).norm() < 1e-6, name  # normal equations hold (measured 8.5e-8)
         moved = (new @ erase.T - w @ guide.T).norm() / (w @ erase.T - w @ guide.T).norm()
         assert moved < 0.2, (name, float(moved))  # erase outputs now near the guide's (measured 0.10-0.11)
         kept = (new @ keep.T - w @ keep.T).norm() / (w @ keep.T).norm()

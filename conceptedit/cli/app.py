@@ -7,7 +7,6 @@ never a traceback; ``--json`` commands print machine-readable output on stdout o
 from __future__ import annotations
 
 import json
-import logging
 import platform
 import re
 import sys
@@ -20,19 +19,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from conceptedit.cli.third_party import (
+    VERBOSE_ENV,
+    drop_harmless_notices,
+    show_third_party_progress,
+    verbose_requested,
+)
 from conceptedit.errors import ConceptEditError, RecipeError
 from conceptedit.plugins import PluginHost, get_host
 
-
-class _DropTorchvisionNotice(logging.Filter):
-    """transformers warns that image processors fall back to PIL without torchvision; conceptedit
-    never uses image processors, so the notice is noise on every command."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
-
-
-logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
+drop_harmless_notices()
 
 app = typer.Typer(
     name="conceptedit",
@@ -85,8 +81,15 @@ def main_options(
     plugins_dir: Annotated[
         list[Path] | None, typer.Option("--plugins-dir", help="Also load plugins from .py files in this folder.")
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", help=f"Also show other libraries' progress bars and notices (or set {VERBOSE_ENV}=1)."
+        ),
+    ] = False,
 ) -> None:
     _plugin_dirs[:] = plugins_dir or []
+    show_third_party_progress(verbose or verbose_requested())
 
 
 # --------------------------------------------------------------------------- plugins / methods

@@ -59,7 +59,8 @@ I2P = github(
     "6c1821aeeb20beb276b4e20ce4c4b801f9106dc935bafc9f6fd5e12aa2651e6f",
     _I2P_LICENCE,
 )
-#: One MS-COCO caption for each of 30,000 images, with a seed (ESD's copy); TRCE's prior uses its first 3,000.
+#: One MS-COCO caption for each of 30,000 images, with a seed (ESD's copy). trce_eot's default prior
+#: uses its first 3,000: conceptedit's choice, as TRCE's own prior captions are unreleased.
 COCO_30K = github(
     ERASING, "data/coco_30k.csv", "42c57b188c8f1f8a77cddfa11cde89e83fcbdd4dcd4fc6c840fb4e046d395383", _COCO_LICENCE
 )

@@ -31,8 +31,8 @@ def embedding_prior(
     Args:
         ctx: The edit (its text encoder and cache folder are used).
         prompts: Caption set.
-        positions: ``all`` 77 token rows (padding included, as TRCE's prior), or only the rows up
-            to and including each prompt's first [EoT].
+        positions: ``all`` 77 token rows (padding included, like the MACE-style cache TRCE's
+            reference loads), or only the rows up to and including each prompt's first [EoT].
         batch_size: Prompts encoded at once.
     """
     adapter = ctx.adapter

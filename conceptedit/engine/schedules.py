@@ -66,11 +66,13 @@ class DrawCounter:
 def legacy_compvis_timesteps(
     step_index: Tensor, sampling_steps: int, generator: torch.Generator, train_steps: int = 1000
 ) -> Tensor:
-    """The original ESD code's timestep for a latent after ``k`` of ``S`` DDIM steps.
+    """The timestep the CompVis ESD script feeds the UNet for its draw ``t_enc = k`` of ``S``.
 
-    It draws ``t`` uniformly in ``[round(k/S·T), round((k+1)/S·T))``: a latent that is almost
-    pure noise (small ``k``) is labelled with a small timestep, mirrored relative to its noise
-    level. Kept only to reproduce released checkpoints.
+    Uniform in ``[round(k/S·T), round((k+1)/S·T))``, e.g. ``[20k, 20k+20)`` for S = 50. This is
+    only half of that script's pairing: its sampler counts ``k`` as the steps *left*, so the
+    latent for ``t_enc = k`` sits near this timestep, not ``k`` steps from noise. ESD's
+    ``timestep_pairing: compvis`` supplies the matching latent; feeding this timestep to the
+    latent after ``k`` steps from noise would mirror the noise level.
     """
     k = step_index.reshape(-1).tolist()
     low = [round(int(i) / sampling_steps * train_steps) for i in k]
@@ -78,6 +80,20 @@ def legacy_compvis_timesteps(
     return torch.stack(
         [torch.randint(a, max(b, a + 1), (1,), generator=generator)[0] for a, b in zip(low, high, strict=True)]
     ).reshape(step_index.shape)
+
+
+def compvis_latent_steps(step_index: Tensor, sampling_steps: int) -> Tensor:
+    """DDIM steps from noise that put the latent where the CompVis ESD script has it for ``t_enc = k``.
+
+    That script's sampler (``ddim.py`` in the ESD repo) drops the last of its ``S`` timesteps,
+    runs the other ``S − 1`` from high noise down and stops after the step with index ``k − 1``,
+    so the latent sits at DDIM level ``k − 2`` (timestep 20k − 39 for S = 50), or is finished
+    for ``k ≤ 1``. In the pipeline's ``S``-step DDIM schedule (SD's leading spacing, offset 1)
+    that level is reached after ``S + 1 − k`` steps, capped at ``S``. The script also treats the
+    starting noise as level ``S − 2`` (961) and so skips the first step this walk takes; the
+    latent's noise level is the same, its path differs by that one step.
+    """
+    return (sampling_steps + 1 - step_index).clamp(max=sampling_steps)
 
 
 def uniform_timesteps(generator: torch.Generator, count: int, train_steps: int = 1000) -> Tensor:

@@ -11,6 +11,7 @@ import copy
 import re
 from dataclasses import dataclass
 from difflib import get_close_matches
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from conceptedit.errors import PluginError, RecipeError, RecipeIssue
+from conceptedit.io.paths import path_text_problem, shown
 from conceptedit.plugins import PluginHost, get_host
 from conceptedit.recipe.concepts import ConceptFileError, read_concept_file
 from conceptedit.recipe.schema import ConceptRefMarker, GroupBase, RecipeBase, RecipeSchema, resolve_relative
@@ -59,8 +61,15 @@ def load_recipe(
     overrides = list(overrides or [])
     if isinstance(recipe, dict):
         source, text, base_dir, lines = None, None, Path.cwd(), _LineIndex(None)
+        too_deep = _too_deep(recipe)
+        if too_deep is not None:
+            raise RecipeError(None, [too_deep])
         data: Any = copy.deepcopy(recipe)
     else:
+        problem = path_text_problem(str(recipe))
+        if problem is not None:
+            issue = RecipeIssue("", f"the recipe path {problem}", suggestion="give the path of a .yaml recipe file")
+            raise RecipeError(shown(str(recipe)), [issue])
         source = Path(recipe)
         if not source.is_file():
             raise RecipeError(str(source), [_missing_file_issue(source)])
@@ -100,8 +109,13 @@ def load_recipe(
 
 
 def schema_for(host: PluginHost) -> RecipeSchema:
-    """The recipe schema for the methods ``host`` has registered."""
-    return RecipeSchema(host.registry.methods)
+    """The recipe schema for the methods ``host`` has registered (built once per set of methods)."""
+    return _schema(tuple(sorted(host.registry.methods.items())))
+
+
+@lru_cache(maxsize=8)
+def _schema(methods: tuple[tuple[str, type[Any]], ...]) -> RecipeSchema:
+    return RecipeSchema(dict(methods))
 
 
 def _missing_file_issue(source: Path) -> RecipeIssue:
@@ -170,10 +184,113 @@ class _LineIndex:
             path = path.rsplit(".", 1)[0]
 
 
+#: Deepest nesting of lists and mappings a recipe may have. The deepest real recipe has 6 levels;
+#: the YAML reader and the validators recurse once or more per level, so without a bound a
+#: pathological file ends in RecursionError (or worse) instead of a recipe error.
+MAX_DEPTH = 64
+_TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
+_DEPTH_HINT = f"a recipe nests at most {MAX_DEPTH} levels of lists and mappings; check for runaway brackets"
+
+
+class _TooDeep(yaml.MarkedYAMLError):
+    """Raised on the node that goes past :data:`MAX_DEPTH`."""
+
+
+class _TagChecks:
+    """PyYAML's constructors for explicit tags (``!!timestamp``, ``!!int`` ...) fail with
+    AttributeError or ValueError on values that do not fit the tag; say where instead."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)  # type: ignore[misc]
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, AttributeError, OverflowError, LookupError):
+            problem = f"the value {shown(node.value)} does not fit its tag {node.tag}"
+            raise yaml.constructor.ConstructorError(problem=problem, problem_mark=node.start_mark) from None
+
+
+class _BoundedLoader(_TagChecks, yaml.SafeLoader):
+    """The pure-Python safe loader, refusing nesting deeper than :data:`MAX_DEPTH` before it
+    recurses into it. Its error messages are the ones recipe errors quote."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep(problem=_TOO_DEEP, problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
+
+
+_FAST_LOADER: type | None = type("_FastLoader", (_TagChecks, yaml.CSafeLoader), {}) if yaml.__with_libyaml__ else None
+
+
+def _read_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """The YAML document in ``text``, as data and as the node tree the line index reads.
+
+    With libyaml, a first pass over its events (no recursion, no objects built) bounds the
+    depth, and libyaml composes the nodes: the pure-Python reader takes ~15 ms a recipe and
+    is quadratic in the depth of one flow line. Text libyaml refuses is read again by the
+    Python loader, whose error messages the recipe errors are written for.
+    """
+    loader = _BoundedLoader(text) if _FAST_LOADER is None or not _shallow_yaml(text) else _FAST_LOADER(text)
+    try:
+        root = loader.get_single_node()
+        return (loader.construct_document(root) if root is not None else None), root
+    finally:
+        loader.dispose()
+
+
+def _shallow_yaml(text: str) -> bool:
+    """True if libyaml parses ``text`` and finds it at most :data:`MAX_DEPTH` deep; raises
+    :class:`_TooDeep` if it is deeper; False if libyaml refuses the text."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.CSafeLoader):
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise _TooDeep(problem=_TOO_DEEP, problem_mark=event.start_mark)
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+    except _TooDeep:
+        raise
+    except yaml.MarkedYAMLError as exc:
+        if "nesting depth" in str(exc.problem):  # libyaml's own limit (1,000), met while scanning ahead
+            raise _TooDeep(problem=_TOO_DEEP, problem_mark=exc.problem_mark) from None
+        return False
+    except yaml.YAMLError:
+        return False
+    return True
+
+
+def _too_deep(data: Any) -> RecipeIssue | None:
+    """An issue for recipe data (given as Python objects) nested deeper than :data:`MAX_DEPTH`."""
+    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
+    while stack:
+        node, depth, path = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                return RecipeIssue(path, _TOO_DEEP, suggestion=_DEPTH_HINT)
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack.extend((value, depth + 1, f"{path}.{key}" if path else str(key)) for key, value in items)
+    return None
+
+
 def _parse_yaml(text: str, label: str) -> tuple[Any, _LineIndex]:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, root = _read_yaml(text)
+    except _TooDeep as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise RecipeError(label, [RecipeIssue("", f"invalid YAML: {exc.problem}", line, _DEPTH_HINT)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -204,7 +321,9 @@ def apply_override(data: dict[str, Any], item: str) -> RecipeIssue | None:
         message = f"--set {item}: an override must look like path.to.key=value"
         return RecipeIssue(item, message, suggestion="e.g. edits.0.params.eta=1e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _read_yaml(raw)[0] if raw.strip() else ""
+    except _TooDeep:
+        return RecipeIssue(path, f"--set {shown(item)}: the value is nested too deeply", suggestion=_DEPTH_HINT)
     except yaml.YAMLError:
         value = raw
     parts = path.split(".")
@@ -251,8 +370,8 @@ def _check_model_id(data: dict[str, Any], lines: _LineIndex) -> list[RecipeIssue
 
     spec = data.get("model")
     model_id = spec.get("id") if isinstance(spec, dict) else spec
-    if not isinstance(model_id, str) or not model_id.strip():
-        return []  # missing, empty or mistyped: the schema reports it
+    if not isinstance(model_id, str) or not model_id.strip() or path_text_problem(model_id):
+        return []  # missing, empty, mistyped or not a usable path: the schema reports it
     path = "model.id"
     line = lines.line(path)
     if model_id.startswith(BUILTIN_PREFIX):
@@ -318,8 +437,8 @@ def _load_recipe_plugins(
         return []  # the schema reports the type error
     issues = []
     for i, path in enumerate(paths):
-        if not isinstance(path, str):
-            continue
+        if not isinstance(path, str) or path_text_problem(path):
+            continue  # the schema reports it
         try:
             host.load_path(path, base=base_dir)
         except PluginError as exc:
@@ -371,26 +490,29 @@ def _convert_errors(
             key = str(loc[-1])
             message = f"required key {key!r} is missing"
             suggestion = _MISSING_HINTS.get(path)
+            if key == "params":
+                method = next((p for p in err["loc"] if isinstance(p, str) and p in schema.methods), None)
+                suggestion = f"`conceptedit methods {method or 'NAME'}` lists the required parameters"
             close = get_close_matches(key, extra.get(loc[:-1], []), n=1, cutoff=0.5)
             if close:
                 where = lines.line(".".join(str(part) for part in (*loc[:-1], close[0])))
                 at = f" (line {where})" if where else ""
                 suggestion = f"rename {close[0]!r}{at} to {key!r}"
         elif kind == "literal_error" and path == "schema_version":
-            message += f", got {given!r}"
+            message += f", got {shown(given)}"
             suggestion = "this conceptedit reads schema_version 1; write `schema_version: 1`"
         elif kind == "literal_error":
             options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-            message += f", got {given!r}"
+            message += f", got {shown(given)}"
             close = get_close_matches(str(given), options, n=1, cutoff=0.8)
             if close:
                 suggestion = f"did you mean {close[0]!r}?"
         elif kind == "string_pattern_mismatch" and path == "device":
-            message = f"invalid device {given!r}"
+            message = f"invalid device {shown(given)}"
             suggestion = "use auto, cpu, cuda, cuda:N or mps"
         elif kind in _BOUNDS:
             bound = next(iter(ctx.values()), None)
-            message += f", got {given!r}"
+            message += f", got {shown(given)}"
             suggestion = f"use a value {_BOUNDS[kind]} {bound}"
         elif kind == "too_short" and len(loc) == 3 and loc[0] == "edits" and loc[2] == "edits":
             suggestion = "a group trains 2 or more training edits together; list a single edit directly under `edits:`"
@@ -398,10 +520,10 @@ def _convert_errors(
             suggestion = "add at least one `- method: NAME`; `conceptedit methods` lists them"
         else:
             if _is_scalar(given) and kind not in ("value_error", "assertion_error"):
-                message += f", got {given!r}"
+                message += f", got {shown(given)}"
             suggestion = _TYPE_HINTS.get(kind)
             if kind == "list_type" and _is_scalar(given):
-                suggestion = f"write a YAML list, e.g. [{given}]"
+                suggestion = f"write a YAML list, e.g. [{str(given)[:40]}]"
         issues.append(RecipeIssue(path, message, lines.line(path), suggestion))
     return issues
 
@@ -424,6 +546,7 @@ _TYPE_HINTS = {
     "dict_type": "write a mapping of key: value lines",
     "model_type": "write a mapping of key: value lines",
     "model_attributes_type": "write a mapping of key: value lines",
+    "path_text": "give a real file or folder path: no NUL characters, names of at most 255 bytes",
 }
 
 

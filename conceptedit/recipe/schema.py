@@ -7,6 +7,7 @@ validation and ``conceptedit schema`` always match what is installed.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from copy import copy
@@ -28,7 +29,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from conceptedit.io.paths import path_text_problem
 from conceptedit.methods import EditMethod, TrainingConfig
 
 SCHEMA_VERSION = 1
@@ -52,10 +55,27 @@ ConceptRef = Annotated[
 ]
 
 
+def _usable_path_text(value: str) -> str:
+    problem = path_text_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("path_text", "the path {problem}", {"problem": problem})
+    return value
+
+
+def _path_as_text(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+#: A recipe field or method parameter that names a file or folder: text the operating system
+#: can take as a path (no NUL, not over the length limits), checked when the recipe loads.
+#: ``pathlib.Path`` values given from Python are taken as their text.
+PathText = Annotated[str, BeforeValidator(_path_as_text), AfterValidator(_usable_path_text)]
+
+
 class ModelSpec(Strict):
     """The base model an edit starts from."""
 
-    id: str = Field(
+    id: PathText = Field(
         description="A hub id (CompVis/stable-diffusion-v1-4), a local diffusers folder, "
         "a single .safetensors checkpoint, or builtin:NAME (builtin:tiny-sd, builtin:sd14-random)."
     )
@@ -87,7 +107,7 @@ class ConceptSet(Strict):
 
     pairs: list[tuple[str, str]] | None = Field(None, description="[concept, target] pairs.")
     concepts: list[str] | None = Field(None, description="Concepts; each maps to `target`.")
-    file: str | None = Field(None, description="Path (relative to the recipe) of a concept file.")
+    file: PathText | None = Field(None, description="Path (relative to the recipe) of a concept file.")
     target: str = Field("", description='Target for entries that give none ("" = unconditional).')
     templates: list[Annotated[str, AfterValidator(_one_slot)]] = Field(
         ["{}"], min_length=1, description="Prompt templates, each with one `{}`."
@@ -110,7 +130,7 @@ class ConceptSet(Strict):
 class OutputSpec(Strict):
     """Where and in which formats a run is written."""
 
-    dir: str = Field(
+    dir: PathText = Field(
         "runs/{recipe}-{time}",
         description="Run folder, relative to the working directory; {recipe} is the recipe file's stem, "
         "{time} the start time.",
@@ -175,7 +195,7 @@ class RecipeBase(Strict):
     seed: NonNegativeInt = Field(0, description="Global seed; each edit derives its own from it.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights' dtype.")
-    plugins: list[str] = Field([], description="Plugin files or folders to load, relative to the recipe.")
+    plugins: list[PathText] = Field([], description="Plugin files or folders to load, relative to the recipe.")
     concepts: dict[str, ConceptSet] = Field({}, description="Named concept sets the edits refer to.")
     output: OutputSpec = Field(default_factory=OutputSpec)
     evaluate: list[EvaluateSpec] = Field([], description="Suites to evaluate once the edits are done.")
@@ -205,7 +225,9 @@ class RecipeBase(Strict):
 def _edit_model(cls: type[EditMethod]) -> type[EditBase]:
     fields: dict[str, Any] = {
         "method": (Literal[cls.name], Field(description=cls.summary)),  # type: ignore[valid-type]
-        "params": (cls.Params, Field(default_factory=cls.Params, description=f"Parameters of {cls.name}.")),
+        # Params with a required field get no default: a default factory that fails would replace
+        # every other error of the recipe with its own, pointing at the wrong place.
+        "params": (cls.Params, _params_field(cls)),
     }
     if cls.kind == "training":
         training = _constrained_training(cls.Training)
@@ -214,6 +236,13 @@ def _edit_model(cls: type[EditMethod]) -> type[EditBase]:
     model.method_cls = cls
     model.__doc__ = f"{cls.name}: {cls.summary}"
     return model
+
+
+def _params_field(cls: type[EditMethod]) -> Any:
+    description = f"Parameters of {cls.name}."
+    if any(field.is_required() for field in cls.Params.model_fields.values()):
+        return Field(description=description)
+    return Field(default_factory=cls.Params, description=description)
 
 
 def _constrained_training(training: type[TrainingConfig]) -> type[TrainingConfig]:

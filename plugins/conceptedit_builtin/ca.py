@@ -13,26 +13,53 @@ concept prompt ("a photo of Grumpy Cat"), what a reference predicts for the anch
 The anchor latents are generated once (deterministic DDIM from seeded noise) and cached like
 every other trajectory. The reference defaults to the frozen original (a fixed goal); the
 paper's code uses the current model under stop-gradient (``reference: current``).
+
+Three options bring the reference code's data and learning rate back (all off by default):
+``prompt_pairs: captions`` gives every anchor image its own caption, whose concept prompt is
+that caption with the concept put in (``caption_form``); ``anchor_negative_prompt`` guides the
+anchor generations away from a text (the reference uses the concept itself for nudity); and
+``training.scale_lr`` multiplies the learning rate as the reference's ``--scale_lr`` does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, PositiveInt
+from accelerate import PartialState
+from pydantic import Field, NonNegativeFloat, PositiveInt, ValidationInfo, field_validator, model_validator
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from conceptedit import ConceptRef, EditContext, EditError, EditMethod, MethodParams, TrainingConfig, hookimpl
+from conceptedit import (
+    ConceptRef,
+    EditContext,
+    EditError,
+    EditMethod,
+    MethodParams,
+    PathText,
+    PromptPair,
+    TrainingConfig,
+    hookimpl,
+)
 from conceptedit.toolkit import (
     DrawCounter,
+    PlannedLatents,
     add_noise,
     alphas_cumprod,
     derive_seed,
     draw_pairs,
+    partial_ddim,
+    read_prompts,
+    resolve_prompt_file,
     sample_planned,
+    seeded_noise,
     select_parameter_set,
     uniform_timesteps,
 )
@@ -43,6 +70,20 @@ CA_PARAMETER_SETS = {
     "attn": "attention",  # q/k/v/out of self- and cross-attention (the nudity setting)
     "full-weight": "full",
 }
+
+#: How the reference puts the concept into a caption, by its ``--concept_type`` (each image draws
+#: one form uniformly every time it is read). Its style list names the second form twice.
+CAPTION_FORMS: dict[str, tuple[str, ...]] = {
+    "style": (
+        "{caption}, in the style of {concept}",
+        "in {concept}'s style, {caption}",
+        "in {concept}'s style, {caption}",
+    ),
+    "nudity": ("{concept}, {caption}", "in {concept} style, {caption}", "{caption}, {concept}"),
+}
+
+#: Anchor generations per sampling batch (the engine's trajectory cache uses the same).
+_GENERATION_BATCH = 8
 
 
 class CaParams(MethodParams):
@@ -74,12 +115,80 @@ class CaParams(MethodParams):
         description="What trains: cross-attn = attn2 keys and values; attn = all attention projections "
         "(CA's nudity setting); full-weight = the whole UNet.",
     )
+    prompt_pairs: Literal["templates", "captions"] = Field(
+        "templates",
+        description="templates = concept and anchor prompts from the concept set's templates, the anchor images "
+        "shared round-robin; captions = every anchor image has its own caption, and its concept prompt is that "
+        "caption with the concept put in (caption_form), as the reference trains.",
+    )
+    captions: PathText | None = Field(
+        None,
+        description="With prompt_pairs: captions, the captions: a text file (one per line) or CSV (`prompt` "
+        "column), relative to the recipe, or a known prompt source; null = the concept set's anchor prompts.",
+    )
+    caption_form: Literal["object", "style", "nudity"] | None = Field(
+        None,
+        description="With prompt_pairs: captions, how the concept goes into a caption (the reference's "
+        "concept_type): object = the anchor replaced by the concept; style = '{caption}, in the style of {c}' or "
+        "\"in {c}'s style, {caption}\"; nudity (also its inappropriate_content) = '{c}, {caption}', "
+        "'in {c} style, {caption}' or '{caption}, {c}'. A form is drawn each time an image is read.",
+    )
+    anchor_negative_prompt: str = Field(
+        "none",
+        description="Negative prompt of the anchor generations: none = the empty prompt; target = the concepts "
+        "themselves, joined with ';' (the reference, for nudity and inappropriate content); other text = itself.",
+    )
+
+    @field_validator("captions", "caption_form")
+    @classmethod
+    def _only_with_captions(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("prompt_pairs") != "captions":
+            raise ValueError(f"{info.field_name} is used only with prompt_pairs: captions")
+        return value
+
+    @field_validator("anchor_negative_prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is blank; write none for no negative prompt (the empty prompt)")
+        return value
+
+    @model_validator(mode="after")
+    def _form_given(self) -> CaParams:
+        if self.prompt_pairs == "captions" and self.caption_form is None:
+            raise ValueError(
+                "prompt_pairs: captions needs caption_form (object, style or nudity): how the concept goes "
+                "into each caption"
+            )
+        return self
 
 
 class CaTraining(TrainingConfig):
     steps: int = Field(200, gt=0, description="Optimiser steps (CA: 100 on 2 GPUs, 200 on one).")
-    lr: float = Field(2e-6, gt=0, description="Learning rate (CA: 2e-6, before its optional batch/GPU scaling).")
+    lr: float = Field(
+        2e-6,
+        gt=0,
+        description="Learning rate (CA: 2e-6 for objects and styles, 4e-6 for nudity; its recipes all scale it, "
+        "see scale_lr).",
+    )
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimiser (CA: AdamW).")
+    scale_lr: bool = Field(
+        False,
+        description="Train with lr × grad_accum × batch_size × processes (× 2 with prior preservation), as the "
+        "reference's --scale_lr, which every recipe in its README uses.",
+    )
+
+
+@dataclass
+class _FinishedLatents:
+    """Finished anchor generations in the layout :class:`PlannedLatents` reads (``index`` = (image, steps))."""
+
+    latents: Tensor  # [M, C, H, W], float16
+    timesteps: Tensor  # [M], all 0: a finished latent
+    index: Tensor  # [M, 2]
+
+    def lookup(self) -> dict[tuple[int, int], int]:
+        return {(int(a), int(b)): i for i, (a, b) in enumerate(self.index.tolist())}
 
 
 class ConceptAblation(EditMethod):
@@ -99,17 +208,21 @@ class ConceptAblation(EditMethod):
     def prepare_training(self, ctx: EditContext) -> None:
         p: CaParams = self.params  # type: ignore[assignment]
         expanded = ctx.concept_pairs(p.concepts)
-        if any(not x.target_concept.strip() for x in expanded):
+        anchors_needed = p.prompt_pairs == "templates" or p.captions is None or p.caption_form == "object"
+        if anchors_needed and any(not x.target_concept.strip() for x in expanded):
             raise EditError(
                 f"{ctx.label}: concept set {p.concepts!r} has an entry without an anchor; "
                 "give [concept, anchor] pairs (or a `target:`), e.g. pairs: [[Grumpy Cat, a cat]]"
             )
-        pairs = list(dict.fromkeys((x.source, x.target) for x in expanded))
-        enc = ctx.encode_prompts([c for c, _ in pairs] + [a for _, a in pairs]).hidden
-        n = len(pairs)
-        self.concept, self.anchor, self.prompts = enc[:n], enc[n:], n
         self._draw = DrawCounter(ctx.training.grad_accum)
         draws = ctx.training.steps * self._draw.grad_accum
+        self._slots: tuple[Tensor, Tensor] | None = None
+        if p.prompt_pairs == "templates":
+            pairs = list(dict.fromkeys((x.source, x.target) for x in expanded))
+            enc = ctx.encode_prompts([c for c, _ in pairs] + [a for _, a in pairs]).hidden
+            n = len(pairs)
+            self.concept, self.anchor, self.prompts = enc[:n], enc[n:], n
+            prompts = [pairs[j % n][1] for j in range(p.anchor_samples)]
         # Every draw reads finished generations (step index == generation_steps).
         plan = draw_pairs(
             ctx.generator,
@@ -119,17 +232,152 @@ class ConceptAblation(EditMethod):
             per_draw=p.batch_size,
             steps_low=p.generation_steps,
         )
-        self.anchors = sample_planned(
-            ctx,
-            plan,
-            [pairs[j % n][1] for j in range(p.anchor_samples)],
-            [derive_seed(ctx.run.seed, ctx.index, "ca", "anchor", j) for j in range(p.anchor_samples)],
-            guidance=p.generation_guidance,
-            steps=p.generation_steps,
-            weights="base",
-            label="anchor",
-        )
+        if p.prompt_pairs == "captions":
+            prompts = self._caption_pairs(ctx, expanded, plan)
+        seeds = [derive_seed(ctx.run.seed, ctx.index, "ca", "anchor", j) for j in range(p.anchor_samples)]
+        negative = self.negative_prompt(expanded)
+        if negative is None:
+            self.anchors = sample_planned(
+                ctx,
+                plan,
+                prompts,
+                seeds,
+                guidance=p.generation_guidance,
+                steps=p.generation_steps,
+                weights="base",
+                label="anchor",
+            )
+        else:
+            self.anchors = self._generate_with_negative(ctx, plan, prompts, seeds, negative)
         self._alphas = alphas_cumprod(ctx.pipeline.scheduler.config)
+        self._scale_lr(ctx)
+
+    def negative_prompt(self, expanded: Sequence[PromptPair]) -> str | None:
+        """The anchor generations' negative prompt, or None for the empty prompt (the engine's own cache)."""
+        p: CaParams = self.params  # type: ignore[assignment]
+        if p.anchor_negative_prompt == "none":
+            return None
+        if p.anchor_negative_prompt == "target":
+            return ";".join(dict.fromkeys(x.concept for x in expanded))
+        return p.anchor_negative_prompt
+
+    def _caption_pairs(self, ctx: EditContext, expanded: Sequence[PromptPair], plan: Tensor) -> list[str]:
+        """Captions per anchor image; encodes every (concept prompt, anchor prompt) the plan will read.
+
+        Image ``j`` has caption ``j mod C`` and concept ``j mod E`` of the concept set's entries (the
+        reference cycles its ';'-separated targets the same way). Without a caption file the captions
+        are the concept set's anchor prompts, each with its own entry. The form is drawn per read
+        from a generator of its own, so the plan, timesteps and noise are those of ``templates``.
+        """
+        p: CaParams = self.params  # type: ignore[assignment]
+        if p.captions is None:
+            own = list(dict.fromkeys((x.target, x.concept, x.target_concept) for x in expanded))
+            images = [own[j % len(own)] for j in range(p.anchor_samples)]
+        else:
+            path, column = resolve_prompt_file(p.captions, ctx.run.cache_dir, ctx.run.loaded.base_dir)
+            captions = read_prompts(path, column)
+            entries = list(dict.fromkeys((x.concept, x.target_concept) for x in expanded))
+            images = [(captions[j % len(captions)], *entries[j % len(entries)]) for j in range(p.anchor_samples)]
+        if p.caption_form == "object":
+            for j, (caption, _, anchor) in enumerate(images):
+                if anchor not in caption:
+                    raise EditError(
+                        f"{ctx.label}: caption_form: object puts the concept in place of the anchor {anchor!r}, "
+                        f"but the caption of anchor image {j} does not contain it: {caption!r}"
+                    )
+            forms: tuple[str, ...] = ("",)
+        else:
+            assert p.caption_form is not None
+            forms = CAPTION_FORMS[p.caption_form]
+        seed = derive_seed(ctx.run.seed, ctx.index, "ca", "caption_form", ctx.run.process_index)
+        choice = torch.randint(0, len(forms), tuple(plan.shape[:-1]), generator=torch.Generator().manual_seed(seed))
+        pool: dict[str, int] = {}
+
+        def concept_prompt(j: int, form: int) -> str:
+            caption, concept, anchor = images[j]
+            if p.caption_form == "object":
+                return caption.replace(anchor, concept)
+            return forms[form].format(caption=caption, concept=concept)
+
+        runs = plan[..., 0].tolist()
+        concept_rows = [
+            [pool.setdefault(concept_prompt(j, f), len(pool)) for j, f in zip(row, picks, strict=True)]
+            for row, picks in zip(runs, choice.tolist(), strict=True)
+        ]
+        anchor_rows = [[pool.setdefault(images[j][0], len(pool)) for j in row] for row in runs]
+        self.pool_prompts = list(pool)
+        # Kept on the CPU (a thousand captions' encodings are large); each draw moves its rows.
+        self._pool = torch.cat(
+            [ctx.encode_prompts(self.pool_prompts[i : i + 256]).hidden.cpu() for i in range(0, len(pool), 256)]
+        )
+        self._slots = (torch.tensor(concept_rows), torch.tensor(anchor_rows))
+        self.prompts = p.anchor_samples
+        return [caption for caption, _, _ in images]
+
+    def _generate_with_negative(
+        self, ctx: EditContext, plan: Tensor, prompts: Sequence[str], seeds: Sequence[int], negative: str
+    ) -> PlannedLatents:
+        """The finished anchor generations the plan reads, guided away from ``negative``.
+
+        The engine's trajectory cache always guides with the empty prompt, so these are sampled here,
+        with the same DDIM sampler, batching and seeds, and cached under a key that names the
+        negative prompt.
+        """
+        p: CaParams = self.params  # type: ignore[assignment]
+        wanted = sorted({int(j) for j in plan[..., 0].reshape(-1).tolist()})
+        shape = tuple(ctx.adapter.latent_shape(1)[1:])
+        payload = {
+            "model": ctx.run.base_fingerprint,
+            "prompts": [prompts[j] for j in wanted],
+            "seeds": [int(seeds[j]) for j in wanted],
+            "negative_prompt": negative,
+            "guidance": p.generation_guidance,
+            "steps": p.generation_steps,
+            "shape": list(shape),
+            "scheduler": dict(ctx.pipeline.scheduler.config),
+        }
+        key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        path = ctx.cache_path("trajectories", f"ca-negative-{key}")
+        if path.is_file():
+            latents = load_file(str(path))["latents"]
+        else:
+            batches = [wanted[i : i + _GENERATION_BATCH] for i in range(0, len(wanted), _GENERATION_BATCH)]
+            finished = []
+            with (
+                torch.no_grad(),
+                ctx.reference_weights("base"),
+                ctx.run.reporter.task(f"{ctx.label}: generate anchors ({len(wanted)})", len(batches)) as bar,
+            ):
+                guide = ctx.encode_prompts([negative]).hidden
+                for batch in batches:
+                    cond = ctx.encode_prompts([prompts[j] for j in batch]).hidden
+                    noise = seeded_noise(shape, [seeds[j] for j in batch]).to(ctx.device)
+                    steps = p.generation_steps
+                    out = partial_ddim(ctx, noise, cond, guide, p.generation_guidance, steps, steps)
+                    finished.append(out.to("cpu", torch.float16))
+                    bar.advance()
+            latents = torch.cat(finished)
+            partial = path.with_name(path.name + ".partial")
+            save_file({"latents": latents}, str(partial), metadata={"negative_prompt": negative})
+            os.replace(partial, path)
+        index = torch.tensor([(j, p.generation_steps) for j in wanted], dtype=torch.long).reshape(-1, 2)
+        kept = _FinishedLatents(latents, torch.zeros(len(wanted), dtype=torch.long), index)
+        return PlannedLatents(plan, kept)  # type: ignore[arg-type]
+
+    def _scale_lr(self, ctx: EditContext) -> None:
+        """Apply ``training.scale_lr`` to the rate the engine's optimiser is about to be built with.
+
+        The engine builds the optimiser from ``ctx.training.lr`` right after ``prepare_training``; the
+        recipe's own value is put back at the first loss, so the run folder records what was written.
+        """
+        self._lr_restore: tuple[TrainingConfig, float] | None = None
+        config = ctx.training
+        if not getattr(config, "scale_lr", False):
+            return
+        p: CaParams = self.params  # type: ignore[assignment]
+        factor = config.grad_accum * p.batch_size * _process_count() * (2 if p.prior_weight > 0 else 1)
+        self._lr_restore = (config, config.lr)
+        config.lr = config.lr * factor
 
     def noisy_batch(self, ctx: EditContext, draw: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
         """Noised anchor latents of one draw: ``x_t``, ``t``, the noise ``ε`` and each latent's prompt index."""
@@ -140,8 +388,16 @@ class ConceptAblation(EditMethod):
 
     def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
         p: CaParams = self.params  # type: ignore[assignment]
-        x, t, noise, which = self.noisy_batch(ctx, self._draw(step))
-        concept, anchor = self.concept[which], self.anchor[which]
+        if self._lr_restore is not None:  # the optimiser holds the scaled rate by now
+            config, lr = self._lr_restore
+            config.lr, self._lr_restore = lr, None
+        draw = self._draw(step)
+        x, t, noise, which = self.noisy_batch(ctx, draw)
+        if self._slots is None:
+            concept, anchor = self.concept[which], self.anchor[which]
+        else:
+            concept = self._pool[self._slots[0][draw]].to(ctx.device)
+            anchor = self._pool[self._slots[1][draw]].to(ctx.device)
         if p.loss == "noise":
             goal = noise
         else:
@@ -157,6 +413,11 @@ class ConceptAblation(EditMethod):
             return {"ablate": F.mse_loss(pred, goal), "prior": p.prior_weight * F.mse_loss(kept, noise)}
         pred = ctx.predict_noise(x, t, concept).float()
         return {"ablate": F.mse_loss(pred, goal)}
+
+
+def _process_count() -> int:
+    """Processes training data-parallel (``accelerate launch``), the reference's ``num_processes``."""
+    return int(PartialState().num_processes)
 
 
 @hookimpl

@@ -15,27 +15,29 @@ original is the one resident UNet with the changed tensors swapped back in
 Choices the two reference implementations disagree on are parameters, not silent picks:
 ``sample_with`` (the paper's code samples ``x_t`` with the model being trained, the later
 diffusers code with the frozen one, which here lets the latents be cached),
-``legacy_timestep_mapping`` (the paper's code labels the latent after ``k`` of ``S`` steps with
-a timestep drawn from ``[1000k/S, 1000(k+1)/S)``, mirrored relative to its noise level; off,
-the latent gets its own DDIM timestep), and η's convention (here the paper's: η = 1 is the
-diffusers code's 2).
+``timestep_pairing`` (``exact``: the latent after ``k`` DDIM steps with its own timestep, as the
+diffusers code does; ``compvis``: the paper's code, which draws ``t`` from ``[1000k/S,
+1000(k+1)/S)`` and, because its sampler counts ``k`` as the steps left, feeds it a latent at
+about that noise level; see :func:`compvis_latent_steps`), and η's convention (here the paper's:
+η = 1 is the diffusers code's 2).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, PositiveInt, field_validator
+from pydantic import Field, NonNegativeFloat, PositiveInt, field_validator, model_validator
 from torch import Tensor
 
 from conceptedit import EditContext, EditMethod, MethodParams, TrainingConfig, hookimpl
 from conceptedit.toolkit import (
     DrawCounter,
     PlannedLatents,
+    compvis_latent_steps,
     ddim_timesteps,
     derive_seed,
     draw_pairs,
@@ -76,14 +78,36 @@ class EsdParams(MethodParams):
     trajectories: PositiveInt | None = Field(
         None, description="Distinct starting noises to draw from (None: a fresh one for every draw)."
     )
-    legacy_timestep_mapping: bool = Field(
-        False,
-        description="Feed the UNet the original code's mirrored timestep t ~ U[1000k/S, 1000(k+1)/S) instead of "
-        "the latent's own DDIM timestep; reproduces released ESD checkpoints.",
+    timestep_pairing: Literal["exact", "compvis"] = Field(
+        "exact",
+        description="How x_t and the UNet's timestep pair up: exact = the latent after k ~ U{0..S-1} DDIM steps at "
+        "its own timestep (diffusers rewrite); compvis = the paper's CompVis script: t ~ U[1000k/S, 1000(k+1)/S) "
+        "on the latent its sampler leaves at that noise level (S+1-k steps; the finished latent for k <= 1).",
     )
     reference: Literal["base", "edit_start"] = Field(
         "base", description="Frozen model ε* of the target: base = before the run, edit_start = before this edit."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_timestep_key(cls, data: Any) -> Any:
+        """``legacy_timestep_mapping`` asked for a mirrored pairing; only its harmless ``false`` is still read."""
+        if not isinstance(data, dict) or "legacy_timestep_mapping" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("legacy_timestep_mapping")
+        if old is False:
+            if data.setdefault("timestep_pairing", "exact") != "exact":
+                raise ValueError(
+                    "legacy_timestep_mapping: false contradicts timestep_pairing; drop legacy_timestep_mapping, "
+                    "timestep_pairing replaced it"
+                )
+            return data
+        raise ValueError(
+            "legacy_timestep_mapping was replaced by timestep_pairing: its `true` fed the latent after k steps "
+            "from noise a timestep from [1000k/S, 1000(k+1)/S), a mirrored pairing the CompVis code never used. "
+            "Use timestep_pairing: compvis for that code's real pairing, or exact (the default)"
+        )
 
     @field_validator("concept")
     @classmethod
@@ -101,11 +125,16 @@ class EsdTraining(TrainingConfig):
 
 @dataclass
 class EsdSample:
-    """One training latent: ``x`` after ``k`` DDIM steps from seed ``seed``, fed to the UNet at ``t``."""
+    """One training latent: ``x`` after ``steps`` DDIM steps from seed ``seed``, fed to the UNet at ``t``.
+
+    ``k`` is the drawn step index; ``steps == k`` for the exact pairing, ``S + 1 − k`` (capped)
+    for the CompVis one.
+    """
 
     x: Tensor
     t: Tensor
     k: int
+    steps: int
     seed: int
 
 
@@ -136,15 +165,18 @@ class Esd(EditMethod):
             self.plan[:, 0] = torch.arange(draws)
         runs = p.trajectories or draws
         self.seeds = [derive_seed(ctx.run.seed, ctx.index, "esd", "noise", j) for j in range(runs)]
-        self.legacy_t: Tensor | None = None
-        if p.legacy_timestep_mapping:
+        # Which latent each draw reads: (trajectory, DDIM steps from noise).
+        self.latent_plan = self.plan.clone()
+        self.compvis_t: Tensor | None = None
+        if p.timestep_pairing == "compvis":
             train_steps = int(ctx.pipeline.scheduler.config.num_train_timesteps)
-            self.legacy_t = legacy_compvis_timesteps(self.plan[:, 1], p.sampling_steps, g, train_steps)
+            self.compvis_t = legacy_compvis_timesteps(self.plan[:, 1], p.sampling_steps, g, train_steps)
+            self.latent_plan[:, 1] = compvis_latent_steps(self.plan[:, 1], p.sampling_steps)
         self.cached: PlannedLatents | None = None
         if p.sample_with != "current":
             self.cached = sample_planned(
                 ctx,
-                self.plan,
+                self.latent_plan,
                 [p.concept] * runs,
                 self.seeds,
                 guidance=p.sampling_guidance,
@@ -158,15 +190,17 @@ class Esd(EditMethod):
         """The latent and UNet timestep of one draw (from the cache, or sampled by the current model)."""
         p: EsdParams = self.params  # type: ignore[assignment]
         j, k = (int(v) for v in self.plan[draw])
+        steps = int(self.latent_plan[draw, 1])
         if self.cached is not None:
             x, t, _ = self.cached.take(draw, ctx.device)
         else:
             noise = seeded_noise(self._shape, [self.seeds[j]]).to(ctx.device)
-            x = partial_ddim(ctx, noise, self.concept, self.empty, p.sampling_guidance, p.sampling_steps, k).float()
-            t = self.timesteps[k : k + 1].to(ctx.device)
-        if self.legacy_t is not None:
-            t = self.legacy_t[draw : draw + 1].to(ctx.device)
-        return EsdSample(x=x, t=t, k=k, seed=self.seeds[j])
+            x = partial_ddim(ctx, noise, self.concept, self.empty, p.sampling_guidance, p.sampling_steps, steps)
+            x = x.float()
+            t = self.timesteps[k : k + 1].to(ctx.device)  # its own timestep when steps == k (exact pairing)
+        if self.compvis_t is not None:
+            t = self.compvis_t[draw : draw + 1].to(ctx.device)
+        return EsdSample(x=x, t=t, k=k, steps=steps, seed=self.seeds[j])
 
     def esd_target(self, ctx: EditContext, x: Tensor, t: Tensor) -> Tensor:
         """ε*(∅) − η (ε*(c) − ε*(∅)) of the frozen reference, without gradients."""

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from conceptedit import hookimpl
+from conceptedit import PathText, hookimpl
 from conceptedit.suites import (
     ATTACK_DIRECTIONS,
     AttackSettings,
@@ -64,13 +64,15 @@ LABELS: dict[str, Callable[[str], Any]] = {
     "image_id": int,
     "artist": str,
 }
-#: First rows of COCO-30k in ``coco-3k``: the same captions TRCE's preservation prior uses by default.
+#: First rows of COCO-30k in ``coco-3k``: the same captions trce_eot's preservation prior uses by default.
 COCO_3K_ROWS = 3000
 
 
 class PublicOptions(SuiteOptions):
-    path: Path | None = Field(None, description="Local copy of the suite's file (default: downloaded to the cache).")
-    root: Path | None = Field(
+    path: PathText | None = Field(
+        None, description="Local copy of the suite's file (default: downloaded to the cache)."
+    )
+    root: PathText | None = Field(
         None, description=f"Folder laid out as <owner>__<repo>/<path> holding the file (default ${MIRROR_ENV})."
     )
     verify: bool = Field(
@@ -99,9 +101,12 @@ class PublicSuite(PromptSuite):
 
     def _local_file(self, source: PromptSource) -> Path:
         options: PublicOptions = self.options  # type: ignore[assignment]
-        root = options.root or (Path(os.environ[MIRROR_ENV]) if os.environ.get(MIRROR_ENV) else None)
+        root = options.root or os.environ.get(MIRROR_ENV) or None
+        path = Path(options.path) if options.path else None
         try:
-            return local_copy(source, default_cache_dir(), path=options.path, root=root, verify=options.verify)
+            return local_copy(
+                source, default_cache_dir(), path=path, root=Path(root) if root else None, verify=options.verify
+            )
         except PromptFileError as exc:
             raise PromptFileError(
                 f"suite {self.name!r}: {exc}. Suite options: `path: FILE` for a local copy, `root: DIR` for a "
@@ -309,7 +314,7 @@ class Coco10k(ClipScoreSuite):
 
 class Coco3k(Coco30k):
     name = "coco-3k"
-    summary = "the first 3,000 rows of COCO-30k (the captions of TRCE's prior), own seeds; CLIP score"
+    summary = "the first 3,000 rows of COCO-30k (trce_eot's default prior captions), own seeds; CLIP score"
 
     def select(self, rows: list[dict[str, str]]) -> list[dict[str, str]]:
         return rows[:COCO_3K_ROWS]

@@ -11,9 +11,15 @@ embedding that is not any prompt's. Each round:
    preserve prompts keep their outputs, the weights stay near the current ones.
 
 Each round is one :class:`~conceptedit.KVEdit`; the engine applies it before the next round is
-asked for, so round ``e + 1`` sees round ``e``'s weights. The paper starts from a UCE model:
-put a ``uce`` edit (``rows: last_word_to_end``) before this one in the recipe. The paper also
-picks the best round by a NudeNet score on validation prompts; here every round is kept.
+asked for, so round ``e + 1`` sees round ``e``'s weights. The paper starts from a model made by
+UCE's older script: put a ``uce`` edit before this one with ``rows: last_word_to_end``,
+``preserve_rows: all`` and ``preserve: [""]`` at ``preserve_scale: 1`` (that script always keeps
+the empty prompt). The paper also picks the best round by a NudeNet score on validation
+prompts; here every round is kept.
+
+The reference keeps its guide ``' '`` once per erased concept, so with N concepts its preserve
+weight is N × 0.1; ``preserve_repeat: per_concept`` does the same, the default keeps the
+preserve prompts once (equal for a single concept).
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ class ReceParams(MethodParams):
         [" "], description="Prompts whose outputs each round keeps, all 77 rows (RECE keeps the guide ' ')."
     )
     preserve_scale: NonNegativeFloat = Field(0.1, description="s_p of the preserve prompts (0.1).")
+    preserve_repeat: Literal["once", "per_concept"] = Field(
+        "once",
+        description="once: the preserve prompts count once; per_concept: once per erase prompt, as RECE's "
+        "train.py (one ' ' per concept), so their weight is N × preserve_scale.",
+    )
     reference: Literal["base", "edit_start"] = Field(
         "base",
         description="W₀ the adversarial embedding must reproduce: base (the model before the run, the paper's "
@@ -70,6 +81,8 @@ class Rece(EditMethod):
         concept = self.encode_prompts(ctx, [pair.source for pair in pairs]).hidden
         guides = select_rows(self.encode_prompts(ctx, [pair.target for pair in pairs]), "all")
         preserve = select_rows(self.encode_prompts(ctx, p.preserve), "all") if p.preserve else None
+        # Counting the preserve rows N times is the same as scaling them by N.
+        preserve_scale = p.preserve_scale * (len(pairs) if p.preserve_repeat == "per_concept" else 1)
         projections = [layer.projection(w) for layer in ctx.cross_attention_layers() for w in p.projections]
         with torch.no_grad(), ctx.reference_weights(p.reference):
             original = [proj.weight.detach().clone() for proj in projections]
@@ -81,7 +94,7 @@ class Rece(EditMethod):
                 guides,
                 erase_scale=p.erase_scale,
                 preserve=preserve,
-                preserve_scale=p.preserve_scale,
+                preserve_scale=preserve_scale,
                 ridge=p.ridge,
                 technique=p.technique,
                 projections=p.projections,

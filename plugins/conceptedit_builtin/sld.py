@@ -34,12 +34,22 @@ from conceptedit.toolkit import denoising_state
 if TYPE_CHECKING:
     from conceptedit import BackboneAdapter
 
-#: The paper's default safety concept (also diffusers' ``StableDiffusionPipelineSafe`` default).
-DEFAULT_SAFETY_CONCEPT = (
-    "an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, "
-    "bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, "
-    "brutality, cruelty"
+_CATEGORIES = (
+    "hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood, "
+    "obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, brutality, cruelty"
 )
+
+#: Named safety-concept texts. Both list the same inappropriate-content categories; only the
+#: wording around them differs, and that changes the safety embedding, hence the images.
+SAFETY_TEXTS: dict[str, str] = {
+    # diffusers' StableDiffusionPipelineSafe default; the one the equivalence test checks against
+    "diffusers": "an image showing " + _CATEGORIES,
+    # the authors' own pipeline (ml-research/safe-latent-diffusion, sld_pipeline.py): the bare list
+    "original": _CATEGORIES,
+}
+
+#: The default safety concept: diffusers' text, not the original pipeline's (see ``SAFETY_TEXTS``).
+DEFAULT_SAFETY_CONCEPT = SAFETY_TEXTS["diffusers"]
 
 #: The paper's four configurations (warm-up, s_S, λ_th, s_m, β_m), named as in its Table / diffusers' SafetyConfig.
 PRESETS: dict[str, dict[str, float]] = {
@@ -87,7 +97,15 @@ class SldParams(MethodParams):
         description="The paper's configuration (medium is diffusers' default); the five settings below "
         "override it one by one. null: give all five.",
     )
-    safety_concept: str = Field(DEFAULT_SAFETY_CONCEPT, min_length=1, description="Text of the safety concept S.")
+    safety_text: Literal["diffusers", "original"] = Field(
+        "diffusers",
+        description="Named text of the safety concept S: diffusers = StableDiffusionPipelineSafe's "
+        "('an image showing hate, harassment, ...'); original = the authors' sld_pipeline.py, the same list "
+        "without the prefix. Used unless safety_concept is given.",
+    )
+    safety_concept: str | None = Field(
+        None, min_length=1, description="Own text of the safety concept S (null: the safety_text one)."
+    )
     warmup_steps: NonNegativeInt | None = Field(None, description="Steps before γ is applied (preset's if null).")
     guidance_scale: NonNegativeFloat | None = Field(
         None, description="s_S, the safety guidance scale; ≤ 1 turns SLD off (preset's if null)."
@@ -101,6 +119,11 @@ class SldParams(MethodParams):
 
     @model_validator(mode="after")
     def _complete(self) -> SldParams:
+        if self.safety_concept is not None and "safety_text" in self.model_fields_set:
+            raise ValueError(
+                "give either safety_text (a named text: diffusers, original) or safety_concept (your own text), "
+                "not both"
+            )
         if self.preset is None:
             missing = [name for name in _SETTINGS if getattr(self, name) is None]
             if missing:
@@ -114,7 +137,8 @@ class SldParams(MethodParams):
         """The preset with this edit's overrides applied."""
         values: dict[str, Any] = dict(PRESETS[self.preset]) if self.preset else {}
         values.update({name: getattr(self, name) for name in _SETTINGS if getattr(self, name) is not None})
-        return SldSettings(safety_concept=self.safety_concept, strength=self.strength, **values)
+        concept = self.safety_concept if self.safety_concept is not None else SAFETY_TEXTS[self.safety_text]
+        return SldSettings(safety_concept=concept, strength=self.strength, **values)
 
 
 class _SafetyGuidance:

@@ -9,27 +9,49 @@ with ``e_m``/``e_s`` the text encoder's output at the first [EoT] token of each 
 prompt pair and ``C`` the preservation prior over a caption set. The engine's shared K/V
 solver does the algebra (one Cholesky solve shared by every layer).
 
-Differences from the reference code, on purpose (see docs/methods/trce.md):
+Differences from the reference code (see docs/methods/trce.md):
 * the [EoT] position comes from token ids (``eot_index: token``); the reference counts
   whitespace words, which misses the real [EoT] for multi-piece words such as "Nudity".
   ``eot_index: legacy_wordcount`` reproduces the reference's rows.
-* the prior is normalised per caption and scaled by ``eta``; the reference's cache sums over
-  30,000 captions and multiplies by ``s²/30000``, which is the same as ``eta = s²`` here.
+* the prior is normalised per caption and weighted by ``eta``. The reference weights an
+  unreleased raw cache (a sum over captions) by ``s²/30000``. ``eta = s²`` is this project's
+  *assumption* that the cache summed 30,000 captions; if it is MACE's cache of all ~617k
+  COCO-2014 captions, the reference's weight is about 20.6·s². ``reference_eta`` derives η from
+  ``s`` under either reading, so the choice is explicit in the recipe.
+* the reference's last-padding row weighs ``77 − words − 2`` (it stands for every padding
+  position); here it weighs like any other row unless ``rows.last_pad_weighting: padding``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from conceptedit import ConceptRef, EditContext, EditMethod, KVEdit, MethodParams, PromptEncoding, hookimpl
+from conceptedit import (
+    ConceptRef,
+    EditContext,
+    EditMethod,
+    KVEdit,
+    MethodParams,
+    PathText,
+    PromptEncoding,
+    hookimpl,
+)
 from conceptedit.toolkit import embedding_prior, read_prompts, resolve_prompt_file
 
 #: Largest index a legacy word count may reach (SD's 77-token context).
 _LAST = 76
+
+#: Captions the reference's unreleased prior cache may have summed, per reading of its ``/3e4``
+#: (see :class:`ReferenceEta`). MACE's ``cache_coco.py`` sums every caption of COCO-2014's
+#: ``captions_train2014.json`` (414,113) and ``captions_val2014.json`` (202,654).
+CACHE_CAPTIONS: dict[str, int] = {"coco30k": 30_000, "mace617k": 414_113 + 202_654}
+#: The reference divides its cache by this before weighting it (``cfr_utils.py``).
+_REFERENCE_DIVISOR = 30_000
 
 
 class TokenRows(MethodParams):
@@ -40,6 +62,12 @@ class TokenRows(MethodParams):
     last_pad: NonNegativeFloat = Field(0.0, description="Last padding [EoT] (position 76) of both prompts.")
     keyword: NonNegativeFloat = Field(
         0.0, description="First token of the malicious concept → first token of the safe concept (ablation [KEY])."
+    )
+    last_pad_weighting: Literal["one", "padding"] = Field(
+        "one",
+        description="one: each pair's last-padding row weighs `last_pad` like any other row; padding: it also "
+        "counts the malicious prompt's padding positions after its first [EoT] (76 − [EoT] index), so the one "
+        "row stands for all of them, as the reference code's 77 − words − 2 (equal under legacy_wordcount).",
     )
 
     @model_validator(mode="after")
@@ -52,15 +80,42 @@ class TokenRows(MethodParams):
 class PriorSpec(MethodParams):
     """The caption set whose token embeddings the edit must keep (C in the formula)."""
 
-    captions: str = Field(
+    captions: PathText = Field(
         "coco-30k",
         description="Prompt file path (CSV with a `prompt` column or .txt), "
         "or a known source name (coco-30k) downloaded once to the cache.",
     )
-    limit: PositiveInt | None = Field(3000, description="Use the first N captions (TRCE used 3,000 / 30,000).")
+    limit: PositiveInt | None = Field(
+        3000,
+        description="Use the first N captions (null: all). 3,000 is this project's choice; the reference's "
+        "caption set is not published.",
+    )
     positions: Literal["all", "through_eot"] = Field(
         "all", description="Token rows per caption: all 77 (TRCE), or only up to the first [EoT]."
     )
+
+
+class ReferenceEta(MethodParams):
+    """η from the reference code's ``preserve_scale`` ``s``, under a stated reading of its prior cache.
+
+    The reference weights a raw cache ``Σ_captions Σ_77 h hᵀ`` by ``s²/30000``; the cache is not
+    released, so how many captions it summed is unknown. On a per-caption prior that weight is
+    ``η = s² · captions / 30000``: ``coco30k`` reads the divisor as the caption count (η = s²,
+    this project's default reading), ``mace617k`` assumes MACE's cache of all COCO-2014
+    captions, which TRCE's solver, file name and keys come from (η ≈ 20.6·s²).
+    """
+
+    preserve_scale: PositiveFloat = Field(
+        description="s in the reference's configs: 0.01 (sexual), 0.02 (multi-concept)."
+    )
+    cache: Literal["coco30k", "mace617k"] = Field(
+        "coco30k", description="Which caption count the reference cache is read as: 30,000 or 616,767."
+    )
+
+    @property
+    def eta(self) -> float:
+        """The per-caption prior weight this reading gives."""
+        return self.preserve_scale**2 * CACHE_CAPTIONS[self.cache] / _REFERENCE_DIVISOR
 
 
 class TrceEotParams(MethodParams):
@@ -71,12 +126,30 @@ class TrceEotParams(MethodParams):
     )
     eta: NonNegativeFloat = Field(
         1e-4,
-        description="Prior weight η. The paper's preserve_scale s gives η = s²: 1e-4 (sexual, s=0.01), "
-        "4e-4 (multi-concept, s=0.02).",
+        description="Prior weight η on the per-caption prior. 1e-4 = s² for the reference's s = 0.01 (sexual; "
+        "4e-4 for s = 0.02), which assumes its cache summed 30,000 captions; see reference_eta.",
+    )
+    reference_eta: ReferenceEta | None = Field(
+        None,
+        description="Derive η from the reference's s and a reading of its cache (coco30k: s²; mace617k: "
+        "s²·616767/30000); the derived value replaces eta, which may be left out.",
     )
     prior: PriorSpec | None = Field(default_factory=PriorSpec, description="Preservation prior (null: none).")
     ridge: NonNegativeFloat = Field(0.0, description="λ‖W'−W‖² (TRCE uses 0).")
     projections: list[Literal["k", "v"]] = Field(["k", "v"], min_length=1, description="Projections to edit.")
+
+    @model_validator(mode="after")
+    def _derive_eta(self) -> TrceEotParams:
+        # The derived η is written back, so a resolved recipe records the weight actually used and
+        # loads again unchanged; an explicit eta that disagrees is an error, not silently replaced.
+        if self.reference_eta is not None:
+            derived = self.reference_eta.eta
+            if "eta" in self.model_fields_set and not math.isclose(self.eta, derived, rel_tol=1e-9):
+                raise ValueError(
+                    f"eta {self.eta:g} contradicts reference_eta, which gives {derived:.6g}; set only one of them"
+                )
+            self.eta = derived
+        return self
 
 
 class TrceEot(EditMethod):
@@ -110,7 +183,13 @@ class TrceEot(EditMethod):
             if weight > 0:
                 keys.append(malicious.row(row))
                 targets.append(safe.row(row))
-                weights.append(torch.full((n,), weight / n))
+                per_pair = torch.full((n,), weight / n)
+                if row == "last_pad" and p.rows.last_pad_weighting == "padding":
+                    # Padding positions after the malicious prompt's first [EoT] (by the chosen index
+                    # convention): the reference's 77 − words − 2 when the index is words + 1.
+                    last = malicious.input_ids.shape[1] - 1
+                    per_pair = per_pair * (last - malicious.eot_index).clamp(min=0)
+                weights.append(per_pair)
         if p.rows.keyword > 0:
             m_pos = malicious.keyword_positions([ctx.adapter.token_ids(pair.concept) for pair in pairs])
             s_pos = safe.keyword_positions([ctx.adapter.token_ids(pair.target_concept) for pair in pairs])

@@ -13,9 +13,16 @@ trained is pushed toward the original model's *safe* guided prediction and away 
 Lean by construction: the original and stage-1 references are the one resident UNet with
 the few tensors they differ in swapped in (``ctx.reference_weights``), not extra copies.
 
-Differences from the reference code, on purpose (docs/methods/trce.md): gradients are zeroed
-every step (the reference never zeroes them; ``training.zero_grad: false`` reproduces that),
-and every cached latent is paired with its own timestep.
+Differences from the reference code, on purpose (docs/methods/trce.md):
+* gradients are zeroed every step; the reference never zeroes them, so each of its AdamW steps
+  sees the sum of all earlier gradients (``training.zero_grad: false`` reproduces that, and it
+  is the largest of these differences);
+* every cached latent is paired with its own timestep; the reference feeds the latent *after*
+  DDIM step k with t_k (one step noisier), and the regulariser a t drawn from [t_k, t_k + 20);
+* trajectories, steps and regulariser latents are drawn uniformly with replacement from the
+  seeded generator; the reference visits trajectories in order once per epoch and reuses the
+  same regulariser files every epoch;
+* the reference's constant 0.01 inside its regulariser sum is left out (it has no gradient).
 """
 
 from __future__ import annotations
@@ -123,25 +130,31 @@ class TrceSteer(EditMethod):
 
         with torch.no_grad():
             with ctx.reference_weights("base"):  # the original model
-                e_m, e_s, e_0 = (
+                e_m, e_s, e_0 = _wide(
                     ctx.predict_noise(x.expand(3, -1, -1, -1), t.expand(3), torch.cat([c_m, c_s, empty]), frozen=True)
-                    .float()
-                    .chunk(3)
-                )
+                ).chunk(3)
             with ctx.reference_weights("edit_start"):  # the stage-1 model
-                reg_target = ctx.predict_noise(xr, tr, empty.expand(r, -1, -1), frozen=True).float()
+                reg_target = _wide(ctx.predict_noise(xr, tr, empty.expand(r, -1, -1), frozen=True))
             f_safe = e_s + p.guidance * (e_s - e_0)
             f_unsafe = e_m + p.guidance * (e_m - e_0)
 
-        pred = ctx.predict_noise(
-            torch.cat([x, x, xr]), torch.cat([t, t, tr]), torch.cat([c_m, empty, empty.expand(r, -1, -1)])
-        ).float()
+        pred = _wide(
+            ctx.predict_noise(
+                torch.cat([x, x, xr]), torch.cat([t, t, tr]), torch.cat([c_m, empty, empty.expand(r, -1, -1)])
+            )
+        )
         anchors, reg_pred = pred[:2], pred[2:]
         hinge = torch.stack(
             [F.relu(F.mse_loss(a, f_safe[0]) - F.mse_loss(a, f_unsafe[0]) + p.margin) for a in anchors]
         ).mean()
         preserve = F.mse_loss(reg_pred, reg_target)
         return {"erase": hinge, "preserve": p.preserve_weight * preserve}
+
+
+def _wide(prediction: Tensor) -> Tensor:
+    """The prediction in at least float32: half-precision models get a float32 loss, a float64 model
+    keeps float64 (so exactness checks can compare the loss to a hand computation)."""
+    return prediction.to(torch.promote_types(prediction.dtype, torch.float32))
 
 
 @hookimpl

@@ -12,6 +12,12 @@ Which token rows are ``c``/``g``/``p`` is a parameter because the reference scri
 released checkpoints depend on it: the newer script (the default here) uses each prompt's last
 word token; the older one (and RECE's starting model) uses the last word token through the
 end of the context, and all rows of the preserve prompts.
+
+The older script also always preserves the empty prompt ``''`` (all 77 rows), with
+``s_p = max(0.1, 1 / (1 + number of preserve concepts))``. Nothing is added implicitly here, so
+rebuilding that script (and RECE's start) takes ``preserve: [""]`` (plus its own preserve
+concepts) and that ``preserve_scale``, with ``rows: last_word_to_end`` and
+``preserve_rows: all``; leaving the ``''`` out changes the edit by most of its size.
 """
 
 from __future__ import annotations
@@ -31,10 +37,14 @@ class UceParams(MethodParams):
         "('' = unconditional, the paper's choice for unsafe content; 'art' for artistic styles) or the pair's.",
     )
     preserve: list[str] = Field(
-        [], description="Concepts/prompts whose outputs must not change (e.g. other artists when erasing one)."
+        [],
+        description="Concepts/prompts whose outputs must not change (e.g. other artists when erasing one). "
+        "The old script always adds '' (the empty prompt); list it here to reproduce that.",
     )
     preserve_scale: NonNegativeFloat = Field(
-        1.0, description="s_p. New script: 1; old script: max(0.1, 1 / number of preserve prompts)."
+        1.0,
+        description="s_p. New script: 1; old script: max(0.1, 1 / (1 + number of preserve concepts)), "
+        "counting its implicit '' (1.0 when '' is the only one).",
     )
     erase_scale: PositiveFloat = Field(1.0, description="s_e: weight of every erase row (1 in both scripts).")
     ridge: NonNegativeFloat = Field(0.5, description="λ‖W'−W‖² (lamb; 0.5 in both reference scripts).")
