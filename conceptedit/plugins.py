@@ -32,6 +32,7 @@ import pluggy
 
 from conceptedit import hookspecs
 from conceptedit.errors import PluginError, UnknownMethodError, UnknownSuiteError
+from conceptedit.io.paths import path_text_problem, shown
 
 if TYPE_CHECKING:
     from conceptedit.evaluators import Evaluator
@@ -119,6 +120,9 @@ class PluginHost:
 
     def load_path(self, path: str | Path, base: Path | None = None) -> None:
         """Load a plugin from a ``.py`` file, or every ``.py`` file in a folder."""
+        problem = path_text_problem(str(path))
+        if problem is not None:
+            raise PluginError(f"plugin path {shown(str(path))}: the path {problem}")
         target = Path(path).expanduser()
         if base is not None and not target.is_absolute():
             target = base / target

@@ -289,3 +289,18 @@ def test_an_override_value_nested_too_deeply_is_a_recipe_error(tmp_path: Path) -
     path.write_text(HEAD + EDIT, encoding="utf-8")
     with pytest.raises(RecipeError, match="nested too deeply"):
         load_recipe(path, overrides=["edits.0.params=" + "[" * 2000 + "]" * 2000], host=new_host())
+
+
+@pytest.mark.parametrize("bad", ["a\0b", "x" * 300 + "/y", "z" * 5000])
+def test_unusable_paths_outside_recipes_are_the_projects_own_errors(bad: str, tmp_path: Path) -> None:
+    """The Python API's and CLI's other path inputs: a model id, a run folder to load, ``--out``."""
+    import conceptedit
+
+    with pytest.raises(conceptedit.ModelLoadError, match="the id"):
+        conceptedit.load_model(bad)
+    with pytest.raises(conceptedit.RunDirError, match="the path"):
+        conceptedit.load(None, bad)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(HEAD + EDIT.replace("{method: uce}", "{method: sld}"), encoding="utf-8")
+    with pytest.raises(conceptedit.RunDirError, match="--out"):
+        conceptedit.apply(recipe, out=bad)

@@ -13,6 +13,7 @@ from conceptedit.engine.ledger import tensor_digest
 from conceptedit.errors import RunDirError
 from conceptedit.io.edit_file import EDIT_FILE, read_edit
 from conceptedit.io.manifest import MANIFEST_FILE
+from conceptedit.io.paths import path_text_problem, shown
 from conceptedit.models.backbone import resolve_backbone
 from conceptedit.plugins import PluginHost, get_host
 
@@ -31,6 +32,9 @@ def load(pipeline: Any, run_dir: str | Path, *, check_base: bool = True, host: P
     recipe order, by the methods that saved them, so the plugin that made the run must be
     installed here too.
     """
+    problem = path_text_problem(str(run_dir))
+    if problem is not None:
+        raise RunDirError(f"run folder {shown(str(run_dir))}: the path {problem}")
     folder = Path(run_dir)
     if not (folder / MANIFEST_FILE).is_file():
         hint = (

@@ -47,6 +47,7 @@ from conceptedit.evaluation import evaluate, write_metrics
 from conceptedit.io.atomic import atomic_write_text, publish_dir
 from conceptedit.io.edit_file import EDIT_FILE, save_edit
 from conceptedit.io.manifest import MANIFEST_FILE, build_manifest
+from conceptedit.io.paths import path_text_problem, shown
 from conceptedit.loss_curves import read_run_logs
 from conceptedit.models.backbone import BackboneAdapter, resolve_backbone
 from conceptedit.models.loading import LoadedModel, load_model, state_digest
@@ -102,6 +103,9 @@ def plan(
     loaded = load_recipe(recipe, overrides=extra, host=host)
     output = loaded.recipe.output
     if out is not None:
+        problem = path_text_problem(str(out))
+        if problem is not None:
+            raise RunDirError(f"--out {shown(str(out))}: the path {problem}; give a folder path that can exist")
         run_dir = Path(out)
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -14,6 +14,7 @@ import torch
 
 from conceptedit.errors import ModelLoadError
 from conceptedit.io.hashing import file_sha256
+from conceptedit.io.paths import path_text_problem, shown
 from conceptedit.models.builtin import BUILTIN_MODELS
 
 BUILTIN_PREFIX = "builtin:"
@@ -54,6 +55,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a base model from any supported source onto ``device`` in ``dtype``."""
     torch_dtype = DTYPES[dtype]
+    problem = path_text_problem(model_id)
+    if problem is not None:
+        raise ModelLoadError(f"model {shown(model_id)}: the id {problem}; give a hub id, a folder or a file path")
     if model_id.startswith(BUILTIN_PREFIX):
         loaded = _load_builtin(model_id)
     else:
