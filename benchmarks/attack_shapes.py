@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 import conceptedit
-from conceptedit.evaluation import evaluate
+from conceptedit.api.recipe import EvaluateSpec
+from conceptedit.evaluation.evaluate import evaluate
 from conceptedit.plugins import get_host
-from conceptedit.recipe.schema import EvaluateSpec
 from conceptedit.shapes.erasure import erase_concept_set
 from conceptedit.shapes.world import ERASE_NAMES
 

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 import conceptedit
-from conceptedit.generation import grid
+from conceptedit.evaluation.sampling import grid
 from conceptedit.plugins import get_host
 from conceptedit.shapes.erasure import BaseImages, erase_concept_set, measure
 from conceptedit.shapes.world import CONCEPTS, ERASE_NAMES
@@ -43,8 +43,12 @@ def stage1(target: str) -> dict[str, Any]:
     return {
         "method": "trce_eot",
         "name": f"trce_eot:{target}",
-        "params": {"concepts": target, "eta": 0.04, "rows": {"eot": 1.0, "last_pad": 1.0},
-                   "prior": {"captions": str(CAPTIONS), "limit": None}},
+        "params": {
+            "concepts": target,
+            "eta": 0.04,
+            "rows": {"eot": 1.0, "last_pad": 1.0},
+            "prior": {"captions": str(CAPTIONS), "limit": None},
+        },
     }
 
 
@@ -52,8 +56,14 @@ def stage2(target: str) -> dict[str, Any]:
     return {
         "method": "trce_steer",
         "name": f"trce_steer:{target}",
-        "params": {"concepts": target, "prompt_template": "{}", "trajectories_per_concept": 1, "sampling_steps": 25,
-                   "unconditional_trajectories": 64, "guidance": 3.0},
+        "params": {
+            "concepts": target,
+            "prompt_template": "{}",
+            "trajectories_per_concept": 1,
+            "sampling_steps": 25,
+            "unconditional_trajectories": 64,
+            "guidance": 3.0,
+        },
         "training": {"steps": 60, "lr": 2e-5},
     }
 
@@ -64,14 +74,28 @@ def peers(target: str) -> dict[str, list[dict[str, Any]]]:
     kind = CONCEPTS[target].kind
     others = [c.name for c in CONCEPTS.values() if c.kind == kind and c.name != target]
     configs: dict[str, list[dict[str, Any]]] = {
-        "esd": [{"method": "esd", "params": {"concept": target, "parameters": "x", "sampling_steps": 25},
-                 "training": {"steps": 100, "lr": 5e-5}}],
-        "ca": [{"method": "ca", "params": {"concepts": target, "generation_steps": 25, "generation_guidance": 5.0},
-                "training": {"steps": 100, "lr": 3e-5}}],
+        "esd": [
+            {
+                "method": "esd",
+                "params": {"concept": target, "parameters": "x", "sampling_steps": 25},
+                "training": {"steps": 100, "lr": 5e-5},
+            }
+        ],
+        "ca": [
+            {
+                "method": "ca",
+                "params": {"concepts": target, "generation_steps": 25, "generation_guidance": 5.0},
+                "training": {"steps": 100, "lr": 3e-5},
+            }
+        ],
         # UCE and RECE edit word embeddings: they get the bare words ("red" -> "gray"), as for artists.
         "uce": [{"method": "uce", "params": {"concepts": f"{target}_words", "preserve": others}}],
-        "rece": [{"method": "rece", "params": {"concepts": f"{target}_words", "preserve": others, "rounds": 1,
-                                               "preserve_scale": 10.0}}],
+        "rece": [
+            {
+                "method": "rece",
+                "params": {"concepts": f"{target}_words", "preserve": others, "rounds": 1, "preserve_scale": 10.0},
+            }
+        ],
         # The shapes model settles colour and shape in its first steps: no warm-up.
         "sld": [{"method": "sld", "params": {"safety_concept": target, "preset": "medium", "warmup_steps": 0}}],
         "adavd": [{"method": "adavd", "params": {"erase": [target], "shift_center": 0.5}}],

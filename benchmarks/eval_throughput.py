@@ -27,19 +27,48 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def measure(processes: int, seeds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
-        args = ["-m", "conceptedit", "eval", "builtin:shapes", "--suite", "shapes-explicit", "--option",
-                f"seeds={seeds}", "--device", "cpu", "--out", out, "-q"]
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                     "--master_port", "29531"] if processes > 1 else [sys.executable])
+        args = [
+            "-m",
+            "conceptedit",
+            "eval",
+            "builtin:shapes",
+            "--suite",
+            "shapes-explicit",
+            "--option",
+            f"seeds={seeds}",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+            "-q",
+        ]
+        launcher = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(processes),
+                "--master_port",
+                "29531",
+            ]
+            if processes > 1
+            else [sys.executable]
+        )
         started = time.perf_counter()
-        done = subprocess.run([*launcher, *args], capture_output=True, text=True, check=False,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        done = subprocess.run(
+            [*launcher, *args], capture_output=True, text=True, check=False, env=dict(os.environ, OMP_NUM_THREADS="1")
+        )
         seconds = time.perf_counter() - started
         if done.returncode != 0:
             raise SystemExit(done.stderr[-3000:])
         images = json.loads((Path(out) / "metrics.json").read_text())["suites"][0]["n"]
-    return {"processes": processes, "images": images, "seconds": round(seconds, 1),
-            "images_per_second": round(images / seconds, 2)}
+    return {
+        "processes": processes,
+        "images": images,
+        "seconds": round(seconds, 1),
+        "images_per_second": round(images / seconds, 2),
+    }
 
 
 def main() -> None:
@@ -50,10 +79,15 @@ def main() -> None:
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "runs": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "eval_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# Evaluation throughput on builtin:shapes (CPU, one torch thread per process)", "",
-             f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs. Whole command, model "
-             "loading included; DDIM 25 steps, CFG 7.5, 32x32.", "",
-             "| processes | images | seconds | images/s |", "|---|---|---|---|"]
+    lines = [
+        "# Evaluation throughput on builtin:shapes (CPU, one torch thread per process)",
+        "",
+        f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs. Whole command, model "
+        "loading included; DDIM 25 steps, CFG 7.5, 32x32.",
+        "",
+        "| processes | images | seconds | images/s |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['processes']} | {r['images']} | {r['seconds']} | {r['images_per_second']} |" for r in rows]
     (RESULTS / "eval_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -40,23 +40,39 @@ LATENT = (4, 64, 64)
 
 def _recipe(edits: list[dict[str, Any]]) -> dict[str, Any]:
     templates = [
-        "{} in a photo", "A snapshot of {}", "A photograph showing {}", "An illustration of {}",
-        "A digital rendering of {}", "A visual depiction of {}", "A black and white picture of {}",
-        "A scene of {} at a public event", "An oil painting of {}", "An official photo featuring {}",
-        "A detailed sketch of {}", "{} at sunset", "A magazine cover with {}", "A portrait in oil of {}",
+        "{} in a photo",
+        "A snapshot of {}",
+        "A photograph showing {}",
+        "An illustration of {}",
+        "A digital rendering of {}",
+        "A visual depiction of {}",
+        "A black and white picture of {}",
+        "A scene of {} at a public event",
+        "An oil painting of {}",
+        "An official photo featuring {}",
+        "A detailed sketch of {}",
+        "{} at sunset",
+        "A magazine cover with {}",
+        "A portrait in oil of {}",
         "{} in a pencil drawing",
     ]
     return {
-        "schema_version": 1, "model": "builtin:sd14-random", "device": "cpu", "seed": 0,
-        "concepts": {"sexual": {"file": str(ROOT / "recipes" / "concepts" / "sexual.json"), "limit": 20,
-                                "templates": templates}},
+        "schema_version": 1,
+        "model": "builtin:sd14-random",
+        "device": "cpu",
+        "seed": 0,
+        "concepts": {
+            "sexual": {"file": str(ROOT / "recipes" / "concepts" / "sexual.json"), "limit": 20, "templates": templates}
+        },
         "edits": edits,
     }
 
 
 def _stage1_edit(captions: str, limit: int) -> dict[str, Any]:
-    return {"method": "trce_eot", "params": {"concepts": "sexual", "eta": 1e-4,
-                                             "prior": {"captions": captions, "limit": limit}}}
+    return {
+        "method": "trce_eot",
+        "params": {"concepts": "sexual", "eta": 1e-4, "prior": {"captions": captions, "limit": limit}},
+    }
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -100,7 +116,9 @@ def part_stage1(captions: int) -> dict[str, Any]:
         return max(float((ours[n].double() - ref).abs().max() / ref.abs().max()) for n, ref in reference.items())
 
     return {
-        "pairs": len(pairs), "matrices": len(ref64), "prior_captions": captions,
+        "pairs": len(pairs),
+        "matrices": len(ref64),
+        "prior_captions": captions,
         "prior_build_seconds": round(prior_seconds, 2),
         "conceptedit_edit_seconds": round(edit_seconds, 2),
         "conceptedit_apply_seconds": round(ours_seconds, 2),
@@ -109,7 +127,8 @@ def part_stage1(captions: int) -> dict[str, Any]:
         "max_relative_difference_vs_reference_sums_fp64_inverse": worst(ref64),
         "max_relative_difference_vs_reference_fp32_inverse": worst(ref32),
         "max_relative_difference_fp32_vs_fp64_inverse_within_reference": max(
-            float((ref32[n] - ref64[n]).abs().max() / ref64[n].abs().max()) for n in ref64),
+            float((ref32[n] - ref64[n]).abs().max() / ref64[n].abs().max()) for n in ref64
+        ),
         "peak_rss_gib": {"conceptedit": _gib(ours_mem.peak_rss_bytes), "reference": _gib(ref_mem.peak_rss_bytes)},
     }
 
@@ -194,8 +213,14 @@ def part_stage2(layout: str, steps: int, strategy: str) -> dict[str, Any]:
 
     stage2 = {
         "method": "trce_steer",
-        "params": {"concepts": "sexual", "trajectories_per_concept": 1, "sampling_steps": 4, "min_timestep": 400,
-                   "unconditional_trajectories": 2, "regularization_batch": 4},
+        "params": {
+            "concepts": "sexual",
+            "trajectories_per_concept": 1,
+            "sampling_steps": 4,
+            "min_timestep": 400,
+            "unconditional_trajectories": 2,
+            "regularization_batch": 4,
+        },
         "training": {"steps": steps, "lr": 1e-6, **STRATEGIES[strategy]},
     }
     recipe = _recipe([_stage1_edit(str(COCO), 50), stage2])
@@ -208,7 +233,10 @@ def part_stage2(layout: str, steps: int, strategy: str) -> dict[str, Any]:
     _rmtree(out)
     train = result.outcomes[1]
     return {
-        "layout": layout, "strategy": strategy, **STRATEGIES[strategy], "steps": steps,
+        "layout": layout,
+        "strategy": strategy,
+        **STRATEGIES[strategy],
+        "steps": steps,
         "threads": torch.get_num_threads(),
         "edit_seconds": round(train.seconds, 1),
         "seconds_per_step": round(_STEP_TIMES["mean"], 1),
@@ -274,7 +302,8 @@ def _install_three_unet_layout() -> None:
 
         ctx_ref = ctx.reference_weights
         ctx.reference_weights = lambda which, names=None: use(  # type: ignore[method-assign]
-            self.original_unet if which == "base" else self.stage1_unet)
+            self.original_unet if which == "base" else self.stage1_unet
+        )
         adapter.predict_noise = routed  # type: ignore[method-assign]
         try:
             return steer.TrceSteer._lean_loss(self, ctx, step)
@@ -299,8 +328,13 @@ def part_cache() -> dict[str, Any]:
 
     stage2 = {
         "method": "trce_steer",
-        "params": {"concepts": "sexual", "trajectories_per_concept": 5, "sampling_steps": 50,
-                   "unconditional_trajectories": 2000, "regularization_batch": 4},
+        "params": {
+            "concepts": "sexual",
+            "trajectories_per_concept": 5,
+            "sampling_steps": 50,
+            "unconditional_trajectories": 2000,
+            "regularization_batch": 4,
+        },
         "training": {"steps": 1, "lr": 1e-6},
     }
     recipe = _recipe([stage2])
@@ -325,8 +359,11 @@ def part_cache() -> dict[str, Any]:
         sampled = int(meta["trajectories"])
         ours = kept * per_latent / trajectories
         out[label] = {
-            "trajectories_in_set": trajectories, "trajectories_sampled": sampled, "latents_kept": kept,
-            "bytes_per_trajectory_sd14": round(ours), "reference_bytes_per_trajectory": reference_per_trajectory,
+            "trajectories_in_set": trajectories,
+            "trajectories_sampled": sampled,
+            "latents_kept": kept,
+            "bytes_per_trajectory_sd14": round(ours),
+            "reference_bytes_per_trajectory": reference_per_trajectory,
             "fraction_of_reference": round(ours / reference_per_trajectory, 4),
         }
     return out
@@ -388,8 +425,12 @@ def main() -> None:
         for layout, strategy in (("lean", "lean"), ("three", "reference"), ("three", "lean"))
     ]
     results = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": "cpu"},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": "cpu",
+        },
         "stage1": _run_part(["--part", "stage1", "--captions", str(args.captions)], args.reuse),
         "stage2": stage2,
         "trajectory_cache": _run_part(["--part", "cache"], args.reuse),

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from conceptedit.engine.context import EditContext, RunContext
-from conceptedit.engine.encoding import PromptEncoding
-from conceptedit.engine.guards import Guard, installed_guards, suspend_guards
-from conceptedit.engine.kv_solver import KVEdit
+from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer
+from conceptedit.api.context import EditContext, RunContext
+from conceptedit.api.edits import Guard, KVEdit, PromptEncoding, PromptPair
+from conceptedit.api.evaluator import EvaluatedModel, Evaluator, Sample
+from conceptedit.api.hooks import hookimpl
+from conceptedit.api.method import EditMethod
+from conceptedit.api.params import MethodParams, TrainingConfig
+from conceptedit.api.paths import PathText
+from conceptedit.api.recipe import ConceptRef
+from conceptedit.api.results import EditOutcome, Example, Exporter, RunResult, SuiteResult
+from conceptedit.api.suite import AttackSettings, PromptSuite, SuiteOptions, SuitePrompt
+from conceptedit.engine.guards import installed_guards, suspend_guards
 from conceptedit.engine.reload import load, read_manifest
-from conceptedit.engine.runner import apply
 from conceptedit.errors import (
     BackboneError,
     ConceptEditError,
@@ -28,14 +35,9 @@ from conceptedit.errors import (
     UnknownMethodError,
     UnknownSuiteError,
 )
-from conceptedit.hookspecs import hookimpl
-from conceptedit.methods import EditMethod, MethodParams, TrainingConfig
-from conceptedit.models.backbone import BackboneAdapter
 from conceptedit.models.loading import load_model
-from conceptedit.recipe.concepts import PromptPair
 from conceptedit.recipe.loader import load_recipe
-from conceptedit.recipe.schema import ConceptRef, PathText
-from conceptedit.results import EditOutcome, RunResult
+from conceptedit.run import apply
 
 try:
     __version__ = version("conceptedit")
@@ -43,14 +45,20 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "AttackSettings",
     "BackboneAdapter",
     "BackboneError",
     "ConceptEditError",
     "ConceptRef",
+    "CrossAttentionLayer",
     "EditContext",
     "EditError",
     "EditMethod",
     "EditOutcome",
+    "EvaluatedModel",
+    "Evaluator",
+    "Example",
+    "Exporter",
     "Guard",
     "KVEdit",
     "MethodParams",
@@ -59,11 +67,16 @@ __all__ = [
     "PluginError",
     "PromptEncoding",
     "PromptPair",
+    "PromptSuite",
     "RecipeError",
     "RunContext",
     "RunDirError",
     "RunResult",
+    "Sample",
     "SingularSystemError",
+    "SuiteOptions",
+    "SuitePrompt",
+    "SuiteResult",
     "TrainingConfig",
     "TrainingError",
     "UnknownMethodError",

@@ -30,20 +30,20 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from conceptedit import hookspecs
+from conceptedit.api import hooks
+from conceptedit.api.paths import path_text_problem, shown
 from conceptedit.errors import PluginError, UnknownMethodError, UnknownSuiteError
-from conceptedit.io.paths import path_text_problem, shown
 
 if TYPE_CHECKING:
-    from conceptedit.evaluators import Evaluator
-    from conceptedit.exporters import Exporter
-    from conceptedit.methods import EditMethod
-    from conceptedit.models.backbone import BackboneAdapter
-    from conceptedit.suites import PromptSuite
+    from conceptedit.api.backbone import BackboneAdapter
+    from conceptedit.api.evaluator import Evaluator
+    from conceptedit.api.method import EditMethod
+    from conceptedit.api.results import Exporter
+    from conceptedit.api.suite import PromptSuite
 
 ENTRY_POINT_GROUP = "conceptedit"
 #: Engine modules that register engine-level defaults (backbones, exporters) as plugins.
-CORE_PLUGINS = ("conceptedit.models.defaults", "conceptedit.exporters")
+CORE_PLUGINS = ("conceptedit.models.defaults", "conceptedit.io.exporters")
 
 
 @dataclass
@@ -77,8 +77,8 @@ class PluginHost:
     """A pluggy manager plus bookkeeping of where each plugin came from and what failed."""
 
     def __init__(self) -> None:
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-        self.pm.add_hookspecs(hookspecs)
+        self.pm = pluggy.PluginManager(hooks.PROJECT_NAME)
+        self.pm.add_hookspecs(hooks)
         self._infos: dict[str, PluginInfo] = {}
         self._origins: dict[tuple[str, str], str] = {}  # (source, where from) -> plugin name
         self._registry: Registry | None = None
@@ -226,33 +226,13 @@ class PluginHost:
         failed: set[str] = set()
         for info in self._infos.values():
             info.provides = []
-        hooks = self.pm.hook
-        for impl in hooks.conceptedit_register_methods.get_hookimpls():
-            classes = self._registrations(impl, _check_method)
-            for cls in classes or []:
-                self._add_method(reg, cls, impl.plugin_name)
-            if classes is None:
-                failed.add(impl.plugin_name)
-        for impl in hooks.conceptedit_register_backbones.get_hookimpls():
-            adapters = self._registrations(impl)
-            reg.backbones.extend(adapters or [])
-            if adapters is None:
-                failed.add(impl.plugin_name)
-        for impl in hooks.conceptedit_register_exporters.get_hookimpls():
-            exporters = self._registrations(impl)
-            reg.exporters.update((exp.name, exp) for exp in exporters or [])
-            if exporters is None:
-                failed.add(impl.plugin_name)
-        for impl in hooks.conceptedit_register_evaluators.get_hookimpls():
-            evaluators = self._registrations(impl)
-            reg.evaluators.update((cls.name, cls) for cls in evaluators or [])
-            if evaluators is None:
-                failed.add(impl.plugin_name)
-        for impl in hooks.conceptedit_register_suites.get_hookimpls():
-            suites = self._registrations(impl)
-            reg.suites.update((cls.name, cls) for cls in suites or [])
-            if suites is None:
-                failed.add(impl.plugin_name)
+        for hook, field_name, check in REGISTRATION_HOOKS:
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                found = self._registrations(impl, check)
+                if found is None:
+                    failed.add(impl.plugin_name)
+                for obj in found or []:
+                    self._add(reg, field_name, obj, impl.plugin_name)
         # later registrations are tried first, so a plugin can take over a built-in family
         reg.backbones.reverse()
         return reg, failed
@@ -272,6 +252,17 @@ class PluginHost:
                 info.error = f"{impl.function.__name__} raised {_describe(exc)}"
             return None
         return found
+
+    def _add(self, reg: Registry, field_name: str, obj: Any, origin: str) -> None:
+        """File one registered object: backbones in a list, the rest by name (methods with provenance)."""
+        if field_name == "methods":
+            self._add_method(reg, obj, origin)
+            return
+        entries = getattr(reg, field_name)
+        if isinstance(entries, list):
+            entries.append(obj)
+        else:
+            entries[obj.name] = obj
 
     def _add_method(self, reg: Registry, cls: type[EditMethod], origin: str) -> None:
         info = self._infos.get(origin)
@@ -328,7 +319,7 @@ class PluginHost:
 
 def _check_method(cls: Any, origin: str) -> type[EditMethod]:
     """``cls`` if it is a usable method class; a :class:`PluginError` naming the plugin if not."""
-    from conceptedit.methods import EditMethod
+    from conceptedit.api.method import EditMethod
 
     if not (isinstance(cls, type) and issubclass(cls, EditMethod)):
         raise PluginError(f"plugin {origin!r} registered {cls!r}, which is not an EditMethod subclass")
@@ -336,6 +327,17 @@ def _check_method(cls: Any, origin: str) -> type[EditMethod]:
         if not getattr(cls, attr, None):
             raise PluginError(f"method class {cls.__qualname__} from plugin {origin!r} must set `{attr}`")
     return cls
+
+
+#: The registration hooks, collected in this order: (hook, the :class:`Registry` field it fills,
+#: the check each registered object passes first, or None).
+REGISTRATION_HOOKS: tuple[tuple[str, str, Callable[[Any, str], Any] | None], ...] = (
+    ("conceptedit_register_methods", "methods", _check_method),
+    ("conceptedit_register_backbones", "backbones", None),
+    ("conceptedit_register_exporters", "exporters", None),
+    ("conceptedit_register_evaluators", "evaluators", None),
+    ("conceptedit_register_suites", "suites", None),
+)
 
 
 def _env_list(name: str) -> list[str] | None:

@@ -18,7 +18,7 @@ import torch
 
 from conceptedit.engine.context import EditContext, RunContext
 from conceptedit.engine.ledger import WeightLedger
-from conceptedit.engine.progress import Reporter
+from conceptedit.io.progress import Reporter
 from conceptedit.models.backbone import StableDiffusionAdapter
 from conceptedit.plugins import PluginHost, get_host, new_host, set_host
 from conceptedit.recipe.loader import LoadedRecipe

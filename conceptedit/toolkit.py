@@ -4,12 +4,17 @@ Built-in methods are written with these and with the classes in :mod:`conceptedi
 else, so a third-party method has every tool a built-in has. Grouped by hook point:
 
 * prompt encoding: token-row choices (:func:`select_rows`, :func:`aligned_rows`, ...);
-* attention edit: the erase-toward-guide problem (:func:`erase_edit`), closed-form adversarial
-  inputs (:func:`matching_inputs`), the preservation prior (:func:`embedding_prior`) and caption
-  files (:func:`read_prompts`);
+* attention edit: the erase-toward-guide problem (:func:`erase_edit`) and the parameters of a
+  method built on it (:class:`ErasureParams`, whose ``erase_edit`` makes that edit), closed-form
+  adversarial inputs (:func:`matching_inputs`), the preservation prior (:func:`embedding_prior`)
+  and caption files (:func:`read_prompts`);
 * trajectory loss: cached or fresh DDIM latents (:func:`sample_planned`, :func:`partial_ddim`),
   training plans and timestep samplers, named parameter sets, seeds;
 * inference time: the denoising state a guard reads (:func:`denoising_state`);
+* outside a run: the Stable Diffusion adapter (:class:`StableDiffusionAdapter`), to encode prompts
+  or call the UNet of a pipeline directly (tests, evaluators);
+* evaluation: suite metrics (:func:`attack_metrics`, :func:`change_metrics`), label vocabularies
+  (:data:`NUDENET_EXPOSED`), the shapes testbed's prompts and judge (:func:`judge_shapes_image`);
 * evaluation data: published prompt files by source (:data:`prompt_sources`), checked local
   copies or cached downloads (:func:`local_copy`) and their rows (:func:`read_rows`); FID from
   two feature sets (:func:`fid_from_features`); prompt cleaning as the tokenizer does it
@@ -18,11 +23,14 @@ else, so a third-party method has every tool a built-in has. Grouped by hook poi
 
 from __future__ import annotations
 
+from conceptedit.api.evaluator import EXTRA_IMAGE
+from conceptedit.api.suite import ATTACK_DIRECTIONS
 from conceptedit.data import sources as prompt_sources
+from conceptedit.data.labels import NUDENET_EXPOSED
 from conceptedit.data.prompt_files import PromptFileError, local_copy, read_prompts, read_rows, resolve_prompt_file
 from conceptedit.data.sources import PromptSource
 from conceptedit.engine.context import default_cache_dir, derive_seed
-from conceptedit.engine.erase import erase_edit
+from conceptedit.engine.erase import ErasureParams, erase_edit
 from conceptedit.engine.guards import DenoisingState, denoising_state
 from conceptedit.engine.kv_solver import matching_inputs
 from conceptedit.engine.priors import embedding_prior
@@ -38,19 +46,37 @@ from conceptedit.engine.schedules import (
 )
 from conceptedit.engine.selectors import select_parameter_set, select_parameters
 from conceptedit.engine.trajectories import PlannedLatents, ddim_timesteps, partial_ddim, sample_planned, seeded_noise
-from conceptedit.metrics import fid_from_features
+from conceptedit.evaluation.metrics import attack_metrics, change_metrics, fid_from_features
+from conceptedit.models.backbone import StableDiffusionAdapter
 from conceptedit.models.tokenizer import clean_prompt
+from conceptedit.shapes.erasure import prompt_sets as shapes_prompt_sets
+from conceptedit.shapes.erasure import row_shows
+from conceptedit.shapes.judge import judge as judge_shapes_image
+from conceptedit.shapes.world import COLOUR_NAMES, SHAPE_NAMES, explicit_prompts, implicit_prompts
+from conceptedit.shapes.world import CONCEPTS as SHAPES_CONCEPTS
+from conceptedit.shapes.world import Prompt as ShapesPrompt
 
 __all__ = [
+    "ATTACK_DIRECTIONS",
+    "COLOUR_NAMES",
+    "EXTRA_IMAGE",
+    "NUDENET_EXPOSED",
+    "SHAPES_CONCEPTS",
+    "SHAPE_NAMES",
     "DenoisingState",
     "DrawCounter",
+    "ErasureParams",
     "PlannedLatents",
     "PromptFileError",
     "PromptSource",
     "RowSelection",
+    "ShapesPrompt",
+    "StableDiffusionAdapter",
     "add_noise",
     "aligned_rows",
     "alphas_cumprod",
+    "attack_metrics",
+    "change_metrics",
     "clean_prompt",
     "compvis_latent_steps",
     "ddim_timesteps",
@@ -61,7 +87,10 @@ __all__ = [
     "embedding_prior",
     "encoding_length",
     "erase_edit",
+    "explicit_prompts",
     "fid_from_features",
+    "implicit_prompts",
+    "judge_shapes_image",
     "legacy_compvis_timesteps",
     "local_copy",
     "matching_inputs",
@@ -70,10 +99,12 @@ __all__ = [
     "read_prompts",
     "read_rows",
     "resolve_prompt_file",
+    "row_shows",
     "sample_planned",
     "seeded_noise",
     "select_parameter_set",
     "select_parameters",
     "select_rows",
+    "shapes_prompt_sets",
     "uniform_timesteps",
 ]

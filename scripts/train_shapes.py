@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--implicit-seeds", type=int, default=2, help="images per implicit prompt")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--no-eval", action="store_true", help="skip measuring (smoke runs)")
-    mode.add_argument("--eval-only", action="store_true",
-                      help="measure the model already in --out and rewrite its eval.json and README.md")
+    mode.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="measure the model already in --out and rewrite its eval.json and README.md",
+    )
     args = parser.parse_args(argv)
 
     if args.eval_only:
@@ -75,13 +78,15 @@ def _minutes(seconds: dict[str, float]) -> str:
     return ", ".join(f"{stage.replace('_', ' ')} {value / 60:.1f} min" for stage, value in seconds.items())
 
 
-def model_card(pipe: StableDiffusionPipeline, training: dict[str, Any], evaluation: dict[str, Any] | None,
-               megabytes: float) -> str:
+def model_card(
+    pipe: StableDiffusionPipeline, training: dict[str, Any], evaluation: dict[str, Any] | None, megabytes: float
+) -> str:
     """The folder's README: what the model is for, how it was trained and how well it draws."""
     config = SimpleNamespace(**training["config"])
     seconds, losses = training["seconds"], training["losses"]
-    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
-              for name in ("unet", "text_encoder", "vae")}
+    counts = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "text_encoder", "vae")
+    }
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in training["config"].items())
     colours = "\n".join(f"| {c.name} | {c.hue:.0f}° | {', '.join(c.implicit)} |" for c in COLOURS)
     shapes = "\n".join(f"| {s.name} | {', '.join(s.implicit)} |" for s in SHAPES)
@@ -121,12 +126,12 @@ A plain diffusers `StableDiffusionPipeline` folder: load it with
 `StableDiffusionPipeline.from_pretrained(folder)` or `conceptedit.load_model("builtin:shapes")`.
 
 - Text encoder: `CLIPTextModel`, causal, 48 wide, {pipe.text_encoder.config.num_hidden_layers} layers,
-  77 positions, with the real SD-1.x CLIP tokenizer (pad = end-of-text); {counts['text_encoder']:,}
+  77 positions, with the real SD-1.x CLIP tokenizer (pad = end-of-text); {counts["text_encoder"]:,}
   parameters, {pipe.text_encoder.config.vocab_size * 48:,} of them the token embedding table.
 - UNet: `UNet2DConditionModel` with cross-attention (to_k/to_v without bias, as SD),
-  channels {tuple(pipe.unet.config.block_out_channels)}, 8x8x4 latents; {counts['unet']:,} parameters.
+  channels {tuple(pipe.unet.config.block_out_channels)}, 8x8x4 latents; {counts["unet"]:,} parameters.
 - VAE: `AutoencoderKL`, 32x32 RGB to 8x8x4 latents (4x down), scaling factor
-  {pipe.vae.config.scaling_factor}; {counts['vae']:,} parameters.
+  {pipe.vae.config.scaling_factor}; {counts["vae"]:,} parameters.
 - Scheduler: DDIM with SD's schedule (scaled-linear betas 0.00085-0.012, 1000 steps, steps offset 1).
 - {megabytes:.1f} MB in all, weights in float32 safetensors.
 
@@ -171,7 +176,7 @@ Reproducible from the seed for a given thread count. Three stages, with fresh ca
 
 All stages use linear warm-up and cosine decay. Wall time on 2 shared CPU cores
 ({config.threads} torch thread): {_minutes(seconds)}; total {sum(seconds.values()) / 60:.1f} min.
-Final smoothed losses: {', '.join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in losses.items())}.
+Final smoothed losses: {", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in losses.items())}.
 
 ## Measured accuracy
 

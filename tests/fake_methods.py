@@ -29,7 +29,7 @@ class MapParams(MethodParams):
     row: str = Field("eot", description="Token row to map.")
 
 
-class EotMap(EditMethod):
+class EotMap(EditMethod[MapParams]):
     """Closed form: map each source prompt's token row onto its target's (TRCE stage-1 shaped)."""
 
     name = "test_eot_map"
@@ -43,7 +43,7 @@ class EotMap(EditMethod):
         return super().encode_prompts(ctx, prompts)
 
     def attention_edits(self, ctx: EditContext) -> Iterable[KVEdit]:
-        p: MapParams = self.params  # type: ignore[assignment]
+        p = self.params
         pairs = ctx.concept_pairs(p.concepts)
         src = self.encode_prompts(ctx, [x.source for x in pairs])
         dst = self.encode_prompts(ctx, [x.target for x in pairs])
@@ -69,7 +69,7 @@ class SteerTraining(TrainingConfig):
     lr: float = 1e-3
 
 
-class QuerySteer(EditMethod):
+class QuerySteer(EditMethod[SteerParams]):
     """Training: move attn2.to_q so the concept's prediction matches the base model's target prediction."""
 
     name = "test_q_steer"
@@ -82,12 +82,12 @@ class QuerySteer(EditMethod):
         return [layer.parameter_name("q") for layer in ctx.cross_attention_layers()]
 
     def prepare_training(self, ctx: EditContext) -> None:
-        p: SteerParams = self.params  # type: ignore[assignment]
+        p = self.params
         enc = ctx.encode_prompts([p.concept, p.target])
         self.concept, self.target = enc.hidden[:1], enc.hidden[1:]
 
     def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
-        p: SteerParams = self.params  # type: ignore[assignment]
+        p = self.params
         shape = ctx.adapter.latent_shape(1)
         latents = torch.randn(shape, generator=ctx.generator)
         t = torch.randint(0, 1000, (1,), generator=ctx.generator)

@@ -13,11 +13,11 @@ from conftest import SHARED_PROMPTS
 
 import conceptedit
 from conceptedit import PluginError
-from conceptedit.evaluation import evaluate, render
+from conceptedit.api.recipe import EvaluateSpec
+from conceptedit.api.suite import SuitePrompt
+from conceptedit.evaluation.evaluate import evaluate, render
+from conceptedit.evaluation.report import page
 from conceptedit.plugins import get_host
-from conceptedit.recipe.schema import EvaluateSpec
-from conceptedit.report import page
-from conceptedit.suites import SuitePrompt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,10 @@ def test_render_matches_the_pipelines_own_images() -> None:
     images, latents = render(pipeline, prompts, steps=5, guidance=5.0, batch_size=2, host=host)
     hidden = pipeline.encode_prompt([p.text for p in prompts], "cpu", 1, True, [""] * 2)
     plain = pipeline(
-        prompt_embeds=hidden[0], negative_prompt_embeds=hidden[1], num_inference_steps=5, guidance_scale=5.0,
+        prompt_embeds=hidden[0],
+        negative_prompt_embeds=hidden[1],
+        num_inference_steps=5,
+        guidance_scale=5.0,
         generator=[torch.Generator().manual_seed(p.seed) for p in prompts],
     ).images
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, plain, strict=True))

@@ -12,11 +12,11 @@ from PIL import Image
 
 import conceptedit
 from conceptedit import PluginError
-from conceptedit.evaluation import evaluate
-from conceptedit.evaluators import Sample
+from conceptedit.api.evaluator import Sample
+from conceptedit.api.recipe import EvaluateSpec
+from conceptedit.evaluation.evaluate import evaluate
+from conceptedit.evaluation.metrics import change_metrics
 from conceptedit.plugins import get_host
-from conceptedit.recipe.schema import EvaluateSpec
-from conceptedit.suites import change_metrics
 
 
 def _scorer() -> object:
@@ -30,12 +30,26 @@ def test_distances_are_measured_from_the_base_image_and_latent() -> None:
     base_latent = torch.full((4, 2, 2), 2.0)
     latent = base_latent.clone()
     latent[0] += 1.0  # a quarter of the entries moved by 1
-    same, moved = _scorer().score([  # type: ignore[attr-defined]
-        Sample("p", 0, Image.fromarray(base), latent=base_latent, base_image=Image.fromarray(base),
-               base_latent=base_latent),
-        Sample("p", 0, Image.fromarray(edited), latent=latent, base_image=Image.fromarray(base),
-               base_latent=base_latent),
-    ])
+    same, moved = _scorer().score(
+        [  # type: ignore[attr-defined]
+            Sample(
+                "p",
+                0,
+                Image.fromarray(base),
+                latent=base_latent,
+                base_image=Image.fromarray(base),
+                base_latent=base_latent,
+            ),
+            Sample(
+                "p",
+                0,
+                Image.fromarray(edited),
+                latent=latent,
+                base_image=Image.fromarray(base),
+                base_latent=base_latent,
+            ),
+        ]
+    )
     assert same == {"pixel_mae": 0.0, "latent_rmse": 0.0, "latent_relative": 0.0}
     assert moved["pixel_mae"] == pytest.approx(1 / 6)
     assert moved["latent_rmse"] == pytest.approx(0.5)  # sqrt(4 of 16 entries x 1 / 16)

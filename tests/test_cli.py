@@ -83,7 +83,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_plugins_table_lists_core_plugins_and_the_builtin_method() -> None:
     output = _ok(_run("plugins")).output
-    for name in ("conceptedit.models.defaults", "conceptedit.exporters", "trce_eot", "fake_methods"):
+    for name in ("conceptedit.models.defaults", "conceptedit.io.exporters", "trce_eot", "fake_methods"):
         assert name in output
     line = next(row for row in output.splitlines() if "trce_eot" in row and "entry point" in row)
     assert "loaded" in line and "conceptedit" in line
@@ -93,7 +93,7 @@ def test_plugins_json_says_where_each_plugin_came_from() -> None:
     data = json.loads(_ok(_run("plugins", "--json")).stdout)
     by_name = {p["name"]: p for p in data["plugins"]}
     assert by_name["conceptedit.models.defaults"]["source"] == "core"
-    assert by_name["conceptedit.exporters"]["source"] == "core"
+    assert by_name["conceptedit.io.exporters"]["source"] == "core"
     trce = by_name["trce_eot"]
     assert trce["source"] == "entry point" and trce["distribution"] == "conceptedit"
     assert trce["provides"] == ["trce_eot"] and trce["error"] is None

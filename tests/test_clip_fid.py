@@ -22,8 +22,8 @@ from PIL import Image
 from torch import Tensor
 
 from conceptedit import PluginError
-from conceptedit.evaluators import Evaluator, Sample
-from conceptedit.metrics import fid_from_features, frechet_distance
+from conceptedit.api.evaluator import Evaluator, Sample
+from conceptedit.evaluation.metrics import fid_from_features, frechet_distance
 from conceptedit.models.tokenizer import load_clip_tokenizer
 from conceptedit.plugins import get_host
 
@@ -306,8 +306,8 @@ def test_coco_suite_reports_fid_to_the_base_models_images(monkeypatch: pytest.Mo
     from conftest import SHARED_PROMPTS
 
     import conceptedit
-    from conceptedit.evaluation import evaluate
-    from conceptedit.recipe.schema import EvaluateSpec
+    from conceptedit.api.recipe import EvaluateSpec
+    from conceptedit.evaluation.evaluate import evaluate
 
     def pixel_features(self: Any, samples: list[Sample]) -> list[dict[str, Any]]:
         arrays = [np.asarray(s.image.convert("RGB"), dtype=np.float64) / 255 for s in samples]
@@ -321,8 +321,9 @@ def test_coco_suite_reports_fid_to_the_base_models_images(monkeypatch: pytest.Mo
         for name, param in edited.unet.named_parameters():
             if name.endswith("attn2.to_v.weight"):
                 param.mul_(3.0)
-    spec = EvaluateSpec(suite="coco-3k", options={"root": str(SHARED_PROMPTS), "scorer": "fid-features"},
-                        limit=8, steps=2)
+    spec = EvaluateSpec(
+        suite="coco-3k", options={"root": str(SHARED_PROMPTS), "scorer": "fid-features"}, limit=8, steps=2
+    )
     (result,) = evaluate(edited, [spec], host=get_host(), base_pipeline=base)
     assert result.base_metrics == {"fid_to_base": 0.0}  # the base model against itself
     assert result.metrics["fid_to_base"] > 0

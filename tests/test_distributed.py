@@ -70,10 +70,30 @@ def test_two_process_training_writes_one_run_folder(tmp_path: Path) -> None:
 
 
 def _eval(tmp_path: Path, out: str, processes: int) -> dict[str, object]:
-    args = ["-m", "conceptedit", "eval", "builtin:shapes", "--suite", "shapes-explicit", "--suite", "shapes-preserve",
-            "--option", "target=red", "--option", "seeds=1", "--device", "cpu", "--out", str(tmp_path / out), "-q"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", "29519"] if processes > 1 else [sys.executable]
+    args = [
+        "-m",
+        "conceptedit",
+        "eval",
+        "builtin:shapes",
+        "--suite",
+        "shapes-explicit",
+        "--suite",
+        "shapes-preserve",
+        "--option",
+        "target=red",
+        "--option",
+        "seeds=1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / out),
+        "-q",
+    ]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29519"]
+        if processes > 1
+        else [sys.executable]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from conceptedit.evaluators import Sample
+from conceptedit.api.evaluator import Sample
 from conceptedit.plugins import new_host
 from conceptedit.shapes.world import render, sample_scene
 

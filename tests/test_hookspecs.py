@@ -12,7 +12,8 @@ import pytest
 from fake_methods import FakeMethodsPlugin, Recorder
 
 import conceptedit
-from conceptedit import hookimpl, hookspecs
+from conceptedit import hookimpl
+from conceptedit.api import hooks as hookspecs
 from conceptedit.plugins import PluginHost
 from conceptedit.testing import isolated_host, tiny_recipe
 
@@ -53,7 +54,7 @@ def test_every_hook_has_a_heading_with_its_exact_arguments(name: str) -> None:
 
 def test_docs_describe_no_hook_that_does_not_exist() -> None:
     extra = set(_documented()) - set(_specs())
-    assert not extra, f"docs/hooks.md documents hooks that hookspecs.py does not declare: {sorted(extra)}"
+    assert not extra, f"docs/hooks.md documents hooks that conceptedit/api/hooks.py does not declare: {sorted(extra)}"
 
 
 def test_every_hookspec_has_a_docstring() -> None:

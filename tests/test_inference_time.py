@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 import conceptedit
 from conceptedit.cli.app import app
 from conceptedit.engine.guards import DenoisingState
-from conceptedit.generation import Sampling, generate, load_target
+from conceptedit.evaluation.sampling import Sampling, generate
 from conceptedit.models.builtin import build_tiny_sd
+from conceptedit.run import load_target
 from conceptedit.testing import isolated_host, tiny_recipe
 
 PROMPT = "a photo of a person on a beach"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import conceptedit
 from conceptedit import RunDirError
 from conceptedit.cli.app import app
-from conceptedit.loss_curves import LossCurves, read_log, read_run_logs, svg
+from conceptedit.evaluation.loss_curves import LossCurves, read_log, read_run_logs, svg
 from conceptedit.testing import isolated_host, tiny_recipe
 
 SVG = "{http://www.w3.org/2000/svg}"

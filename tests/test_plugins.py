@@ -614,7 +614,7 @@ def test_built_in_plugins_use_only_the_public_plugin_api() -> None:
     the shapes world; never the engine's internals."""
     import ast
 
-    public = {"conceptedit", "conceptedit.toolkit", "conceptedit.suites", "conceptedit.evaluators"}
+    public = {"conceptedit", "conceptedit.toolkit", "conceptedit.api.suite", "conceptedit.api.evaluator"}
     folder = Path(__file__).resolve().parents[1] / "plugins" / "conceptedit_builtin"
     for path in sorted(folder.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from conceptedit_builtin.nudenet_scorer import EXPOSED
 from conceptedit_builtin.public_suites import MIRROR_ENV
 from conceptedit_builtin.trce_eot import PriorSpec
 from conftest import SHARED_PROMPTS
@@ -24,15 +23,16 @@ from pydantic import ValidationError
 
 import conceptedit
 from conceptedit import RecipeError, load_recipe
+from conceptedit.api.evaluator import Sample
+from conceptedit.api.recipe import EvaluateSpec
+from conceptedit.api.suite import PromptSuite
 from conceptedit.data import prompt_files, sources
 from conceptedit.data.prompt_files import PromptFileError, read_prompts
-from conceptedit.evaluation import evaluate
-from conceptedit.evaluators import Sample
+from conceptedit.evaluation.evaluate import evaluate
 from conceptedit.io.hashing import file_sha256
 from conceptedit.plugins import get_host
-from conceptedit.recipe.schema import EvaluateSpec
-from conceptedit.suites import PromptSuite
 from conceptedit.testing import tiny_recipe
+from conceptedit.toolkit import NUDENET_EXPOSED as EXPOSED
 
 NUDITY = sources.UNLEARNDIFFATK_NUDITY.name
 

@@ -46,8 +46,17 @@ def test_every_recipe_is_covered() -> None:
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_runs_on_the_shapes_model(recipe: str, tmp_path: Path) -> None:
-    args = ["apply", str(REPO / "recipes" / recipe), "--model", "builtin:shapes", "--device", "cpu",
-            "--out", str(tmp_path / "run"), "--quiet"]
+    args = [
+        "apply",
+        str(REPO / "recipes" / recipe),
+        "--model",
+        "builtin:shapes",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+    ]
     for item in RECIPES[recipe]:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)

@@ -41,8 +41,13 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text))
 
 
-def _scene(colour: str, shape: str, centre: tuple[float, float] = (16.0, 16.0), radius: float = 9.0,
-           rgb: tuple[float, float, float] | None = None) -> Scene:
+def _scene(
+    colour: str,
+    shape: str,
+    centre: tuple[float, float] = (16.0, 16.0),
+    radius: float = 9.0,
+    rgb: tuple[float, float, float] | None = None,
+) -> Scene:
     if rgb is None:
         rgb = next(s.rgb for s in (sample_scene(np.random.default_rng(i)) for i in range(200)) if s.colour == colour)
     return Scene(colour, shape, "large", "centre", "light", radius, centre, rgb, 0.92)
@@ -193,12 +198,32 @@ def test_train_script_writes_a_loadable_folder(tmp_path: Path) -> None:
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "model"
-    script.main(["--out", str(out), "--steps", "3", "--vae-steps", "3", "--text-steps", "3", "--batch", "8",
-                 "--vae-batch", "4", "--text-batch", "8", "--pool", "64", "--no-eval"])
+    script.main(
+        [
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--vae-steps",
+            "3",
+            "--text-steps",
+            "3",
+            "--batch",
+            "8",
+            "--vae-batch",
+            "4",
+            "--text-batch",
+            "8",
+            "--pool",
+            "64",
+            "--no-eval",
+        ]
+    )
     assert (out / "README.md").is_file() and json.loads((out / "training.json").read_text())["config"]["steps"] == 3
     pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
-    image = pipe("a red circle", num_inference_steps=2, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 

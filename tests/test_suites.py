@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conceptedit import RecipeError, UnknownSuiteError, load_recipe
+from conceptedit.api.suite import SuitePrompt
 from conceptedit.plugins import get_host
-from conceptedit.suites import SuitePrompt
 from conceptedit.testing import tiny_recipe
 
 
@@ -32,8 +32,14 @@ def test_shapes_summary_counts_the_target_in_any_listed_colour() -> None:
     prompts = [SuitePrompt("a red circle", 0, {"colour": "red", "shape": "circle", "target": "red"})] * 4
     verdicts = [("red", ["red"]), ("blue", ["blue", "red"]), ("blue", ["blue"]), ("none", [])]
     scores = [
-        {"colour": c, "colours": cs, "shape": "circle", "shapes": ["circle"], "colour_correct": c == "red",
-         "shape_correct": True}
+        {
+            "colour": c,
+            "colours": cs,
+            "shape": "circle",
+            "shapes": ["circle"],
+            "colour_correct": c == "red",
+            "shape_correct": True,
+        }
         for c, cs in verdicts
     ]
     metrics = suite.summarise(prompts, scores)
@@ -47,8 +53,10 @@ def test_unknown_suite_is_refused_by_name() -> None:
 
 
 def test_recipe_evaluate_entries_are_validated() -> None:
-    recipe = tiny_recipe({"method": "trce_eot", "params": {"concepts": "c", "prior": None}},
-                         concepts={"c": {"pairs": [["a cat", "a dog"]]}})
+    recipe = tiny_recipe(
+        {"method": "trce_eot", "params": {"concepts": "c", "prior": None}},
+        concepts={"c": {"pairs": [["a cat", "a dog"]]}},
+    )
     recipe["evaluate"] = [
         {"suite": "shapes-explict"},
         {"suite": "shapes-preserve", "options": {"target": "mauve"}},
@@ -72,15 +80,42 @@ def test_eval_command_scores_a_model_next_to_a_run(tmp_path: Path) -> None:
 
     repo = Path(__file__).resolve().parents[1]
     recipe = {
-        "schema_version": 1, "model": "builtin:shapes", "device": "cpu", "seed": 0,
+        "schema_version": 1,
+        "model": "builtin:shapes",
+        "device": "cpu",
+        "seed": 0,
         "concepts": {"red": {"file": str(repo / "recipes" / "concepts" / "shapes_red.json")}},
-        "edits": [{"method": "trce_eot", "params": {
-            "concepts": "red", "eta": 0.04, "rows": {"eot": 1.0, "last_pad": 1.0},
-            "prior": {"captions": str(repo / "recipes" / "data" / "shapes_captions.txt"), "limit": None}}}],
+        "edits": [
+            {
+                "method": "trce_eot",
+                "params": {
+                    "concepts": "red",
+                    "eta": 0.04,
+                    "rows": {"eot": 1.0, "last_pad": 1.0},
+                    "prior": {"captions": str(repo / "recipes" / "data" / "shapes_captions.txt"), "limit": None},
+                },
+            }
+        ],
     }
     apply(recipe, out=tmp_path / "run", quiet=True)
-    args = ["eval", "builtin:shapes", "--suite", "shapes-explicit", "--option", "target=red", "--option", "seeds=2",
-            "--compare", str(tmp_path / "run"), "--device", "cpu", "--out", str(tmp_path / "eval"), "--guidance", "5"]
+    args = [
+        "eval",
+        "builtin:shapes",
+        "--suite",
+        "shapes-explicit",
+        "--option",
+        "target=red",
+        "--option",
+        "seeds=2",
+        "--compare",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "eval"),
+        "--guidance",
+        "5",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "builtin:shapes" in result.output and "target_shown" in result.output

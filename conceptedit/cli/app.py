@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -124,29 +124,32 @@ def methods(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List edit methods with kind, backbones and every parameter (type, default, description)."""
+    from conceptedit.recipe.describe import describe_method
+
     h = host()
     registry = h.registry.methods
     chosen = [h.method(name)] if name else [registry[n] for n in sorted(registry)]
-    described = [cls.describe() | {"plugin": h.registry.method_origin[cls.name]} for cls in chosen]
+    described = [describe_method(cls) | {"plugin": h.registry.method_origin[cls.name]} for cls in chosen]
     if as_json:
         print(json.dumps(described, indent=2, default=str))
         return
     if not described:
         out.print("No edit methods installed. Install a plugin, or see `conceptedit plugins` for load errors.")
     for info in described:
-        out.rule(f"[bold]{info['name']}[/]  ({info['kind']}; backbones {', '.join(info['backbones'])})")
+        backbones = ", ".join(cast(list[str], info["backbones"]))
+        out.rule(f"[bold]{info['name']}[/]  ({info['kind']}; backbones {backbones})")
         out.print(_escape(str(info["summary"])))
         if info["paper"]:
             out.print(f"paper: {_escape(str(info['paper']))}")
         out.print(f"plugin: {info['plugin']}")
-        sections = [("params", info["params"])]
+        sections = [("params", cast(list[dict[str, Any]], info["params"]))]
         if "training" in info:
-            sections.append(("training", info["training"]))
+            sections.append(("training", cast(list[dict[str, Any]], info["training"])))
         for title, fields in sections:
             table = Table(title=title, show_lines=False, expand=False)
             for col in ("parameter", "type", "default", "description"):
                 table.add_column(col, overflow="fold")
-            for f in fields:  # type: ignore[union-attr]
+            for f in fields:
                 table.add_row(
                     f["name"],
                     _escape(f["type"]),
@@ -214,7 +217,7 @@ def apply_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Apply a recipe's edits to its model and write a run folder."""
-    from conceptedit.engine.runner import apply
+    from conceptedit.run import apply
 
     if resume and out_dir is None:
         raise typer.BadParameter("--resume needs --out RUN_DIR (the folder the interrupted run was writing)")
@@ -230,28 +233,31 @@ def apply_cmd(
         host=host(),
     )
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "run_dir": str(result.run_dir) if result.run_dir else None,
-                    "changed": result.changed,
-                    "edits": [o.as_dict() for o in result.outcomes],
-                    "dry_run": dry_run,
-                    "evaluation": [r.as_dict() for r in result.evaluation],
-                    **({"plan": result.manifest} if dry_run else {}),
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps(_run_json(result, dry_run), indent=2))
+    elif quiet:
         return
-    if quiet:
-        return
-    if dry_run:
+    elif dry_run:
         out.print(
             f"[green]dry run ok[/]: would write {result.manifest['plan']} "
             f"(backbone {result.manifest['backbone']}); nothing was written"
         )
-        return
+    else:
+        _print_run(result)
+
+
+def _run_json(result: Any, dry_run: bool) -> dict[str, Any]:
+    return {
+        "run_dir": str(result.run_dir) if result.run_dir else None,
+        "changed": result.changed,
+        "edits": [o.as_dict() for o in result.outcomes],
+        "dry_run": dry_run,
+        "evaluation": [r.as_dict() for r in result.evaluation],
+        **({"plan": result.manifest} if dry_run else {}),
+    }
+
+
+def _print_run(result: Any) -> None:
+    """The run's edits as a table, then its evaluation's before/after tables."""
     table = Table(title=f"run {result.run_dir}")
     for col in ("edit", "method", "tensors changed", "seconds", "peak RSS (MiB)", "notes"):
         table.add_column(col)
@@ -265,7 +271,7 @@ def apply_cmd(
     out.print(table)
     out.print(f"{len(result.changed)} tensors differ from the base model; saved to {result.run_dir}")
     if result.evaluation:
-        from conceptedit.evaluation import print_results
+        from conceptedit.evaluation.evaluate import print_results
 
         print_results(result.evaluation, out)
 
@@ -289,10 +295,10 @@ def generate(
     out_path: Annotated[Path | None, typer.Option("--out", help="PNG file, or folder for several images.")] = None,
 ) -> None:
     """Generate images with a model or a run; --compare-base writes a before/after grid."""
-    from conceptedit.engine.runner import resolve_device
-    from conceptedit.generation import Sampling, grid, is_run_dir, load_target
-    from conceptedit.generation import generate as sample
+    from conceptedit.evaluation.sampling import Sampling, grid
+    from conceptedit.evaluation.sampling import generate as sample
     from conceptedit.io.atomic import atomic_write_bytes
+    from conceptedit.run import is_run_dir, load_target, resolve_device
 
     if compare_base and not is_run_dir(target):
         raise typer.BadParameter("--compare-base needs a run folder as TARGET")
@@ -339,33 +345,16 @@ def eval_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
 ) -> None:
     """Score a model or a run on prompt suites, optionally next to another model (--compare)."""
-    import yaml
     from accelerate import PartialState
-    from pydantic import ValidationError
 
-    from conceptedit.engine.progress import Reporter
-    from conceptedit.engine.runner import resolve_device
-    from conceptedit.evaluation import evaluate, print_results, write_metrics
-    from conceptedit.generation import is_run_dir, load_target
-    from conceptedit.loss_curves import read_run_logs
-    from conceptedit.recipe.schema import EvaluateSpec
-    from conceptedit.report import write_report
+    from conceptedit.api.recipe import EvaluateSpec
+    from conceptedit.evaluation.evaluate import evaluate_into, print_results
+    from conceptedit.evaluation.loss_curves import read_run_logs
+    from conceptedit.io.progress import Reporter
+    from conceptedit.run import is_run_dir, load_target, resolve_device
 
-    options: dict[str, Any] = {}
-    for item in option or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--option {item!r}: write KEY=VALUE, e.g. --option target=red")
-        options[key] = yaml.safe_load(value)
     plugin_host = host()
-    for name in suite:
-        cls = plugin_host.suite(name)
-        try:  # a bad option fails before any model loads
-            cls.Options.model_validate(options)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            known = ", ".join(cls.Options.model_fields)
-            raise typer.BadParameter(f"{name}: {problems} (its options: {known})", param_hint="--option") from None
+    options = _suite_options(option or [], suite, plugin_host)
     specs = [EvaluateSpec(suite=name, options=options, limit=limit, steps=steps, guidance=guidance) for name in suite]
     # a run that trained gets its loss curves in the report; read now, so a broken log fails before any model loads
     curves = read_run_logs(Path(target)) if out_dir is not None and is_run_dir(target) else []
@@ -375,16 +364,39 @@ def eval_cmd(
     base = load_target(compare, device=where)[0] if compare else None
     main = state.is_main_process
     reporter = Reporter(quiet=quiet or not main)
-    results = evaluate(pipeline, specs, host=plugin_host, base_pipeline=base, reporter=reporter)
+    labels = (compare or "", target)
+    folder = out_dir if main else None
+    results = evaluate_into(
+        folder, pipeline, specs, host=plugin_host, base_pipeline=base, reporter=reporter, labels=labels, curves=curves
+    )
     if not main:
         return
-    if out_dir is not None:
-        write_metrics(out_dir / "metrics.json", results)
-        write_report(out_dir, results, labels=(compare or "", target), curves=curves)
     if not quiet:
-        print_results(results, out, labels=(compare or "", target))
+        print_results(results, out, labels=labels)
         if out_dir is not None:
             out.print(f"wrote {out_dir / 'metrics.json'}, report.md and report.html")
+
+
+def _suite_options(items: list[str], suites: list[str], plugin_host: PluginHost) -> dict[str, Any]:
+    """``--option KEY=VALUE`` values (YAML), checked against every named suite before any model loads."""
+    import yaml
+    from pydantic import ValidationError
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--option {item!r}: write KEY=VALUE, e.g. --option target=red")
+        options[key] = yaml.safe_load(value)
+    for name in suites:
+        cls = plugin_host.suite(name)
+        try:
+            cls.Options.model_validate(options)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            known = ", ".join(cls.Options.model_fields)
+            raise typer.BadParameter(f"{name}: {problems} (its options: {known})", param_hint="--option") from None
+    return options
 
 
 @app.command()
@@ -423,7 +435,7 @@ def env(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = F
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "torch_threads": torch.get_num_threads(),
-        "plugins": plugin_versions(host()),
+        "plugins": plugin_versions(host().infos.values()),
     }
     if as_json:
         print(json.dumps(info, indent=2))

@@ -14,17 +14,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from conceptedit.engine.encoding import PromptEncoding
+from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer
+from conceptedit.api.edits import PromptEncoding, PromptPair
+from conceptedit.api.recipe import ConceptSet
 from conceptedit.engine.ledger import WeightLedger
 from conceptedit.engine.memory import ParkedModules
-from conceptedit.engine.progress import Reporter
 from conceptedit.errors import EditError
-from conceptedit.models.backbone import BackboneAdapter, CrossAttentionLayer
-from conceptedit.recipe.concepts import PromptPair, expand_concepts
-from conceptedit.recipe.schema import ConceptSet
+from conceptedit.io.progress import Reporter
+from conceptedit.recipe.concepts import expand_concepts
 
 if TYPE_CHECKING:
-    from conceptedit.methods import EditMethod
+    from conceptedit.api.method import EditMethod
+    from conceptedit.api.params import TrainingConfig
     from conceptedit.plugins import PluginHost
     from conceptedit.recipe.loader import LoadedRecipe
 
@@ -91,15 +92,24 @@ class EditContext:
         index: The edit's position in the recipe (group members share their group's).
         method: The method object running this edit.
         generator: Seeded randomness for this edit; use it for every random draw.
-        training: The training-loop settings in force (a group's, for a group member), or None.
+        training_config: The training-loop settings in force (a group's, for a group member),
+            or None for an edit that does not train. Fixed when the context is made; methods
+            read it as :attr:`training`.
     """
 
     run: RunContext
     edit: Any
     index: int
-    method: EditMethod
+    method: EditMethod[Any]
     generator: torch.Generator
-    training: Any = None
+    training_config: TrainingConfig | None = None
+
+    @property
+    def training(self) -> TrainingConfig:
+        """The training loop in force; only training methods have one."""
+        if self.training_config is None:
+            raise EditError(f"{self.label}: ctx.training exists only for training methods (kind: training)")
+        return self.training_config
 
     @property
     def adapter(self) -> BackboneAdapter:
@@ -116,6 +126,36 @@ class EditContext:
     @property
     def label(self) -> str:
         return str(self.edit.label)
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths of the recipe are read from (the recipe file's folder)."""
+        return self.run.loaded.base_dir
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where reusable intermediate results (priors, trajectories, anchors) are cached."""
+        return self.run.cache_dir
+
+    @property
+    def base_fingerprint(self) -> str:
+        """Identifies the base model (its file hashes), for cache keys."""
+        return self.run.base_fingerprint
+
+    @property
+    def process_index(self) -> int | None:
+        """This process's rank when several train data-parallel, else None."""
+        return self.run.process_index
+
+    @property
+    def progress(self) -> Reporter:
+        """Progress bars for long steps of this edit (``with ctx.progress.task(label, total) as bar``)."""
+        return self.run.reporter
+
+    def seed_for(self, *parts: object) -> int:
+        """A seed of its own for one purpose of this edit (``ctx.seed_for("noise", j)``): derived from
+        the run seed, the edit's position and ``parts``, so it repeats across runs and resumes."""
+        return derive_seed(self.run.seed, self.index, *parts)
 
     # prompt encoding ----------------------------------------------------------------
 
@@ -134,10 +174,10 @@ class EditContext:
         """The prompt pairs of a concept set named in the recipe (or given inline)."""
         if isinstance(ref, ConceptSet):
             return expand_concepts(ref, self.run.loaded.base_dir)
-        sets = self.run.recipe.concepts
-        if ref not in sets:
+        expanded = self.run.loaded.concepts  # expanded once, when the recipe was loaded
+        if ref not in expanded:
             raise EditError(f"{self.label}: no concept set named {ref!r}")
-        return expand_concepts(sets[ref], self.run.loaded.base_dir)
+        return list(expanded[ref])
 
     # attention edit -----------------------------------------------------------------
 
@@ -159,7 +199,7 @@ class EditContext:
         checkpointing then shrinks that one call's activations further.
         """
         unet = None if frozen else self.run.training_modules.get("unet")
-        size = getattr(self.training, "micro_batch", None) or latents.shape[0]
+        size = getattr(self.training_config, "micro_batch", None) or latents.shape[0]
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
         recompute = len(range(0, latents.shape[0], size)) > 1 and torch.is_grad_enabled() and unet is not None

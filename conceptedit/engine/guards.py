@@ -28,33 +28,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save
-from torch import Tensor
 
+from conceptedit.api.edits import Guard
 from conceptedit.errors import RunDirError, UnknownMethodError
 from conceptedit.io.atomic import atomic_write_bytes
 from conceptedit.io.edit_file import canonical_safetensors, read_tagged
 
 if TYPE_CHECKING:
-    from conceptedit.models.backbone import BackboneAdapter
+    from conceptedit.api.backbone import BackboneAdapter
     from conceptedit.plugins import PluginHost
 
 GUARDS_DIR = "guards"
 GUARD_FORMAT = "conceptedit.guard"
 GUARD_FORMAT_VERSION = 1
 _STATE_ATTR = "_conceptedit_denoising"
-
-
-@dataclass
-class Guard:
-    """What an inference-time method saves: enough to re-install it on a fresh pipeline.
-
-    Attributes:
-        config: JSON-serialisable settings (strings, numbers, lists, dicts).
-        tensors: Small tensors the guard needs (concept directions, ...); may be empty.
-    """
-
-    config: dict[str, Any]
-    tensors: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass

@@ -20,82 +20,16 @@ answer is ``W' = W M`` with one ``M = Q B⁻¹`` -- a single solve for all layer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from conceptedit.api.edits import KVEdit
 from conceptedit.errors import EditError, SingularSystemError
 
-TargetFn = Callable[[str, Tensor], Tensor]
 #: Smallest pivot ratio accepted by the Cholesky factorisation before a system counts as singular.
 RCOND = 1e-12
-
-
-@dataclass
-class KVEdit:
-    """One closed-form key/value edit, as a method describes it to the engine.
-
-    Attributes:
-        keys: ``[N, D]`` text embeddings whose projections should move.
-        targets: ``[N, D]`` embeddings whose *current* projections are the goals
-            (``v_i = W t_i``). Give this or ``target_fn``.
-        target_fn: ``(parameter name, W) -> [N, d_out]`` explicit goal outputs per layer.
-        weights: ``[N]`` weight of each key row (default 1 each).
-        preserve: ``[M, D]`` embeddings whose outputs must not change.
-        preserve_scale: ``s`` above.
-        prior: ``[D, D]`` second-moment matrix ``C`` of embeddings to preserve.
-        prior_scale: ``η`` above.
-        ridge: ``λ`` above.
-        projections: Which projections to edit: ``"k"``, ``"v"`` or both.
-        layers: Names of cross-attention layers to edit (default: all of them).
-        label: Shown in progress output and errors.
-    """
-
-    keys: Tensor
-    targets: Tensor | None = None
-    target_fn: TargetFn | None = None
-    weights: Tensor | None = None
-    preserve: Tensor | None = None
-    preserve_scale: float = 1.0
-    prior: Tensor | None = None
-    prior_scale: float = 0.0
-    ridge: float = 0.0
-    projections: tuple[str, ...] = ("k", "v")
-    layers: Sequence[str] | None = None
-    label: str = "kv-edit"
-
-    def validate(self, dim: int) -> None:
-        """Check shapes and options against the text-embedding width ``dim``."""
-        if self.keys.ndim != 2 or self.keys.shape[1] != dim:
-            raise EditError(f"{self.label}: keys must be [N, {dim}], got {tuple(self.keys.shape)}")
-        n = self.keys.shape[0]
-        if n == 0:
-            raise EditError(f"{self.label}: no key rows to edit")
-        if (self.targets is None) == (self.target_fn is None):
-            raise EditError(f"{self.label}: give exactly one of targets or target_fn")
-        if self.targets is not None and tuple(self.targets.shape) != (n, dim):
-            raise EditError(f"{self.label}: targets must be [{n}, {dim}], got {tuple(self.targets.shape)}")
-        if self.weights is not None and tuple(self.weights.shape) != (n,):
-            raise EditError(f"{self.label}: weights must be [{n}], got {tuple(self.weights.shape)}")
-        if self.preserve is not None and (self.preserve.ndim != 2 or self.preserve.shape[1] != dim):
-            raise EditError(f"{self.label}: preserve must be [M, {dim}], got {tuple(self.preserve.shape)}")
-        if self.prior is not None and tuple(self.prior.shape) != (dim, dim):
-            raise EditError(f"{self.label}: prior must be [{dim}, {dim}], got {tuple(self.prior.shape)}")
-        if not set(self.projections) <= {"k", "v"} or not self.projections:
-            raise EditError(f"{self.label}: projections must be a non-empty subset of ('k', 'v')")
-        for name, value in (
-            ("preserve_scale", self.preserve_scale),
-            ("prior_scale", self.prior_scale),
-            ("ridge", self.ridge),
-        ):
-            if value < 0:
-                raise EditError(f"{self.label}: {name} must be >= 0, got {value}")
-        for name in ("keys", "targets", "weights", "preserve", "prior"):
-            value = getattr(self, name)
-            if value is not None and not torch.isfinite(value).all():
-                raise EditError(f"{self.label}: {name} contains NaN or inf")
 
 
 class KVSolver:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from conceptedit.models.backbone import BackboneAdapter
+from conceptedit.api.backbone import BackboneAdapter
 
 
 def tensor_digest(tensor: Tensor) -> str:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save
 
-from conceptedit.engine.context import EditContext
+from conceptedit.api.context import EditContext
 from conceptedit.io.atomic import atomic_write_bytes
 from conceptedit.models.loading import module_digest
 
@@ -45,7 +45,7 @@ def embedding_prior(
     dim = adapter.text_dim
     total = torch.zeros(dim, dim, dtype=torch.float64)
     chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-    with ctx.run.reporter.task(f"{ctx.label}: preservation prior ({len(prompts)} prompts)", len(chunks)) as bar:
+    with ctx.progress.task(f"{ctx.label}: preservation prior ({len(prompts)} prompts)", len(chunks)) as bar:
         for chunk in chunks:
             enc = adapter.encode_prompts(chunk, length="full", batch_size=batch_size)
             hidden = enc.hidden.to(torch.float64)

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
+from conceptedit.api.paths import path_text_problem, shown
 from conceptedit.engine.guards import install_guards
 from conceptedit.engine.ledger import tensor_digest
 from conceptedit.errors import RunDirError
 from conceptedit.io.edit_file import EDIT_FILE, read_edit
 from conceptedit.io.manifest import MANIFEST_FILE
-from conceptedit.io.paths import path_text_problem, shown
 from conceptedit.models.backbone import resolve_backbone
 from conceptedit.plugins import PluginHost, get_host
 
@@ -46,6 +46,26 @@ def load(pipeline: Any, run_dir: str | Path, *, check_base: bool = True, host: P
     tensors, meta = read_edit(folder / EDIT_FILE)
     host = host or get_host()
     adapter = resolve_backbone(pipeline, host.registry.backbones)
+    params = _target_parameters(folder, adapter, tensors, meta, check_base)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name].to(param.device, param.dtype))
+    guards = read_manifest(folder).get("guards", [])
+    install_guards(
+        pipeline,
+        folder,
+        [g["file"] for g in guards],
+        host=host,
+        adapter=adapter,
+        digests=[g.get("digest") for g in guards],
+    )
+    return pipeline
+
+
+def _target_parameters(
+    folder: Path, adapter: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any], check_base: bool
+) -> dict[str, Any]:
+    """The pipeline's parameter for each tensor of the edit, after checking name, shape and base."""
     base_model = meta.get("base_model", {}).get("id", "?")
     digests = meta.get("base_digests", {})
     params = {}
@@ -72,19 +92,7 @@ def load(pipeline: Any, run_dir: str | Path, *, check_base: bool = True, host: P
                 "load that base model fresh, or pass check_base=False to apply it anyway"
             )
         params[name] = param
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name].to(param.device, param.dtype))
-    guards = read_manifest(folder).get("guards", [])
-    install_guards(
-        pipeline,
-        folder,
-        [g["file"] for g in guards],
-        host=host,
-        adapter=adapter,
-        digests=[g.get("digest") for g in guards],
-    )
-    return pipeline
+    return params
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ UCE's two reference scripts disagree on the rows, and released checkpoints depen
 * ``eot`` -- the first end token (TRCE's choice);
 * ``all`` -- every one of the 77 rows (the older script's preserve rows, RECE's rounds).
 
-Positions come from token ids (:class:`~conceptedit.engine.encoding.PromptEncoding`), never
+Positions come from token ids (:class:`~conceptedit.api.edits.PromptEncoding`), never
 from word counts.
 """
 
@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from conceptedit.engine.encoding import PromptEncoding
+from conceptedit.api.edits import PromptEncoding
 from conceptedit.errors import EditError
 
 RowSelection = Literal["last_word", "last_word_to_end", "eot", "all"]

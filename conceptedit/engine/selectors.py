@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from conceptedit.api.backbone import BackboneAdapter
 from conceptedit.errors import TrainingError
-from conceptedit.models.backbone import BackboneAdapter
 
 
 def select_parameters(

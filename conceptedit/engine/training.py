@@ -18,17 +18,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from conceptedit.api.method import EditMethod
+from conceptedit.api.params import TrainingConfig
 from conceptedit.engine.context import EditContext, RunContext
 from conceptedit.engine.memory import ParkedModules, map_large_allocations, release_freed_memory
 from conceptedit.errors import TrainingError
 from conceptedit.io.atomic import atomic_dir
-from conceptedit.methods import EditMethod, TrainingConfig
 
 KEEP_CHECKPOINTS = 2
 
@@ -53,6 +55,8 @@ class TrainingReport:
     log: Path
 
 
+# Split into pieces, the loop's order (set-up, each step, checkpoints, tear-down) would be read across
+# five functions; long on purpose, so it reads top to bottom as nanoGPT's does.
 def train(
     members: list[Member], config: TrainingConfig, run: RunContext, label: str, resume: bool = False
 ) -> TrainingReport:
@@ -81,8 +85,9 @@ def train(
     if config.park_idle_modules:
         pipeline_modules = getattr(run.pipeline, "components", {})
         idle = {k: m for k, m in pipeline_modules.items() if isinstance(m, nn.Module) and k not in components}
-    with ParkedModules(idle) as parked, _only_these_train(
-        adapter.components(), params.values(), config.gradient_checkpointing
+    with (
+        ParkedModules(idle) as parked,
+        _only_these_train(adapter.components(), params.values(), config.gradient_checkpointing),
     ):
         run.parked = parked
         accelerator = Accelerator(cpu=run.device.type == "cpu", mixed_precision=config.mixed_precision)
@@ -181,7 +186,7 @@ def _only_these_train(modules: dict[str, nn.Module], trainable: object, checkpoi
             p.requires_grad_(id(p) in wanted)
         for m in modules.values():
             if checkpointing and hasattr(m, "enable_gradient_checkpointing"):
-                m.enable_gradient_checkpointing()
+                cast(Any, m).enable_gradient_checkpointing()
             m.train()
         yield
     finally:
@@ -189,7 +194,7 @@ def _only_these_train(modules: dict[str, nn.Module], trainable: object, checkpoi
             p.requires_grad_(flag)
         for name, m in modules.items():
             if checkpointing and hasattr(m, "disable_gradient_checkpointing"):
-                m.disable_gradient_checkpointing()
+                cast(Any, m).disable_gradient_checkpointing()
             m.train(modes[name])
 
 

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from conceptedit.engine.context import EditContext
+from conceptedit.api.context import EditContext
 from conceptedit.engine.schedules import needed_steps
 from conceptedit.io.atomic import atomic_write_bytes
 
@@ -87,7 +87,7 @@ def _scheduler(ctx: EditContext, steps: int):
 
 def _cache_key(ctx: EditContext, request: TrajectoryRequest, shape: tuple[int, ...]) -> str:
     payload = {
-        "model": ctx.run.base_fingerprint,
+        "model": ctx.base_fingerprint,
         "weights": request.weights,
         "prompts": list(request.prompts),
         "seeds": [int(s) for s in request.seeds],
@@ -123,7 +123,7 @@ def sample_trajectories(ctx: EditContext, request: TrajectoryRequest, label: str
     with (
         torch.no_grad(),
         ctx.reference_weights(request.weights),  # type: ignore[arg-type]
-        ctx.run.reporter.task(f"{ctx.label}: sample {label} trajectories ({len(wanted)})", total_steps) as bar,
+        ctx.progress.task(f"{ctx.label}: sample {label} trajectories ({len(wanted)})", total_steps) as bar,
     ):
         empty = ctx.encode_prompts([""]).hidden
         for batch in batches:
@@ -226,9 +226,7 @@ def sample_planned(
     return PlannedLatents(plan, sample_trajectories(ctx, request, label))
 
 
-def _guided_noise(
-    ctx: EditContext, latents: Tensor, t: Tensor, cond: Tensor, empty: Tensor, guidance: float
-) -> Tensor:
+def _guided_noise(ctx: EditContext, latents: Tensor, t: Tensor, cond: Tensor, empty: Tensor, guidance: float) -> Tensor:
     batch = latents.shape[0]
     steps = t.reshape(1).expand(batch).to(ctx.device)
     if guidance <= 1.0:

@@ -76,6 +76,6 @@ def read_edit(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if not path.is_file():
         raise RunDirError(f"{path} does not exist; is this a finished conceptedit run folder?")
     tensors, raw = read_tagged(path, FORMAT, FORMAT_VERSION, "edit file")
-    meta = {key: json.loads(raw[key]) for key in ("recipe", "base_model", "base_digests") if key in raw}
+    meta: dict[str, Any] = {key: json.loads(raw[key]) for key in ("recipe", "base_model", "base_digests") if key in raw}
     meta["format_version"] = int(raw.get("format_version", "0"))
     return tensors, meta

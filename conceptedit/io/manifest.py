@@ -6,12 +6,11 @@ import importlib.metadata
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from conceptedit.plugins import PluginHost
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -29,7 +28,8 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def plugin_versions(host: PluginHost) -> list[dict[str, Any]]:
+def plugin_versions(infos: Iterable[Any]) -> list[dict[str, Any]]:
+    """One row per loaded plugin (the host's ``infos.values()``): name, origin, version, failure."""
     return [
         {
             "name": i.name,
@@ -39,7 +39,7 @@ def plugin_versions(host: PluginHost) -> list[dict[str, Any]]:
             "provides": i.provides,
             "error": i.error,
         }
-        for i in sorted(host.infos.values(), key=lambda i: i.name)
+        for i in sorted(infos, key=lambda i: i.name)
     ]
 
 
@@ -67,7 +67,7 @@ def git_commit(path: Path) -> str | None:
 
 def build_manifest(
     *,
-    host: PluginHost,
+    plugins: list[dict[str, Any]],
     base_model: dict[str, Any],
     seed: int,
     device: torch.device,
@@ -82,7 +82,7 @@ def build_manifest(
     return {
         "manifest_version": MANIFEST_VERSION,
         "versions": package_versions(),
-        "plugins": plugin_versions(host),
+        "plugins": plugins,
         "base_model": base_model,
         "seed": seed,
         "dtype": dtype,

@@ -1,134 +1,17 @@
-"""Backbone adapters: the one place that knows where a pipeline keeps its parts.
-
-The engine and every method reach the text encoder, tokenizer, UNet, cross-attention
-layers, scheduler and VAE only through an adapter, so supporting a new architecture (SDXL's
-two text encoders, say) means registering one more adapter, not touching methods.
-"""
+"""The Stable Diffusion 1.x/2.x backbone adapter, and choosing the adapter for a pipeline."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from conceptedit.engine.encoding import PromptEncoding, first_eot_index
+from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer
+from conceptedit.api.edits import PromptEncoding
 from conceptedit.errors import BackboneError, EditError
 from conceptedit.models.tokenizer import clean_prompt, tokenize
-
-
-@dataclass(frozen=True)
-class CrossAttentionLayer:
-    """A cross-attention block (``attn2``) of the denoiser.
-
-    Attributes:
-        name: Module path inside the UNet, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``.
-        module: The attention module, with ``to_q``, ``to_k``, ``to_v`` and ``to_out``.
-    """
-
-    name: str
-    module: nn.Module
-
-    def projection(self, which: str) -> nn.Linear:
-        """The ``to_q`` / ``to_k`` / ``to_v`` linear layer."""
-        layer = getattr(self.module, f"to_{which}", None)
-        if not isinstance(layer, nn.Linear):
-            raise BackboneError(f"{self.name} has no linear to_{which}")
-        return layer
-
-    def parameter_name(self, which: str, component: str = "unet") -> str:
-        """Full parameter name of a projection's weight, e.g. ``unet.<name>.to_k.weight``."""
-        return f"{component}.{self.name}.to_{which}.weight"
-
-
-class BackboneAdapter:
-    """Access to the parts of one pipeline family. Subclass and register to add a family."""
-
-    family: ClassVar[str]
-    description: ClassVar[str]
-
-    def __init__(self, pipeline: Any) -> None:
-        self.pipeline = pipeline
-
-    @classmethod
-    def matches(cls, pipeline: Any) -> bool:
-        """Whether this adapter handles ``pipeline``."""
-        raise NotImplementedError
-
-    # components ---------------------------------------------------------------------
-
-    def components(self) -> dict[str, nn.Module]:
-        """The trainable modules by the prefix their parameter names carry."""
-        raise NotImplementedError
-
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Every parameter as ``component.path`` (diffusers key names with a component prefix)."""
-        for prefix, module in self.components().items():
-            for name, param in module.named_parameters():
-                yield f"{prefix}.{name}", param
-
-    def get_parameter(self, name: str) -> nn.Parameter:
-        """A parameter by full name; :class:`BackboneError` naming near misses if absent."""
-        prefix, _, rest = name.partition(".")
-        module = self.components().get(prefix)
-        if module is None:
-            raise BackboneError(f"parameter {name!r}: no component {prefix!r} (have {', '.join(self.components())})")
-        try:
-            return module.get_parameter(rest)
-        except AttributeError as exc:
-            raise BackboneError(f"the pipeline has no parameter {name!r}") from exc
-
-    def cross_attention_layers(self) -> list[CrossAttentionLayer]:
-        """Every cross-attention block whose keys/values read the text embeddings."""
-        raise NotImplementedError
-
-    @property
-    def text_dim(self) -> int:
-        """Width of the text embeddings cross-attention reads."""
-        raise NotImplementedError
-
-    # computation --------------------------------------------------------------------
-
-    def encode_prompts(
-        self,
-        prompts: Sequence[str],
-        *,
-        length: Literal["full", "longest"] = "full",
-        batch_size: int = 32,
-    ) -> PromptEncoding:
-        """Run the text encoder; see :class:`~conceptedit.engine.encoding.PromptEncoding`."""
-        raise NotImplementedError
-
-    def tokenize(self, prompts: Sequence[str], length: Literal["full", "longest"] = "full") -> Tensor:
-        """Token ids of prompts as the text encoder reads them, padded to its context or the longest."""
-        raise NotImplementedError
-
-    def token_ids(self, text: str) -> list[int]:
-        """Token ids of ``text`` alone, without start/end tokens (to find a keyword in a prompt)."""
-        raise NotImplementedError
-
-    def token_embedding_table(self) -> Tensor:
-        """The text encoder's input embedding table (vocabulary x width)."""
-        raise NotImplementedError
-
-    def encode_token_embeddings(self, input_ids: Tensor, token_embeds: Tensor) -> Tensor:
-        """Text embeddings of ``input_ids`` whose token embeddings are replaced by ``token_embeds``.
-
-        Differentiable in ``token_embeds``: prompt attacks optimise soft tokens through it.
-        """
-        raise NotImplementedError
-
-    def predict_noise(
-        self, latents: Tensor, timesteps: Tensor, hidden: Tensor, unet: nn.Module | None = None
-    ) -> Tensor:
-        """The denoiser's output for ``latents`` at ``timesteps`` given text embeddings."""
-        raise NotImplementedError
-
-    def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
-        """Shape of initial latents for images of ``height`` x ``width`` (default: native size)."""
-        raise NotImplementedError
 
 
 class StableDiffusionAdapter(BackboneAdapter):
@@ -150,7 +33,7 @@ class StableDiffusionAdapter(BackboneAdapter):
         self.family = "sd2" if pipeline.unet.config.cross_attention_dim == 1024 else "sd1"
 
     @property
-    def text_encoder(self) -> nn.Module:
+    def text_encoder(self) -> Any:  # a transformers CLIPTextModel: typed loosely, its library is not checked
         return self.pipeline.text_encoder
 
     @property
@@ -158,7 +41,7 @@ class StableDiffusionAdapter(BackboneAdapter):
         return self.pipeline.tokenizer
 
     @property
-    def unet(self) -> nn.Module:
+    def unet(self) -> Any:  # a diffusers UNet2DConditionModel: typed loosely, its library is not checked
         return self.pipeline.unet
 
     @property
@@ -260,3 +143,12 @@ def resolve_backbone(pipeline: Any, adapters: Sequence[type[BackboneAdapter]]) -
         f"no backbone adapter handles a {type(pipeline).__name__} (adapters installed: {known}); "
         "install a plugin that registers one via conceptedit_register_backbones"
     )
+
+
+def first_eot_index(input_ids: Tensor, eos_token_id: int) -> Tensor:
+    """The first position holding ``eos_token_id`` in each row; the last position if none."""
+    is_eos = input_ids == eos_token_id
+    first = is_eos.int().argmax(dim=1)
+    missing = ~is_eos.any(dim=1)
+    first[missing] = input_ids.shape[1] - 1
+    return first

@@ -60,8 +60,9 @@ def _text_config(hidden: int, intermediate: int, layers: int, heads: int) -> dic
     }
 
 
-def _unet_config(sample_size: int, channels: tuple[int, ...], layers_per_block: int,
-                 cross_attention_dim: int) -> dict[str, Any]:
+def _unet_config(
+    sample_size: int, channels: tuple[int, ...], layers_per_block: int, cross_attention_dim: int
+) -> dict[str, Any]:
     depth = len(channels)
     return {
         "sample_size": sample_size,
@@ -111,15 +112,17 @@ def tiny_sd_configs() -> ComponentConfigs:
 def sd14_configs() -> ComponentConfigs:
     """SD-1.4's exact component configs (UNet, CLIP ViT-L/14 text tower, KL-f8 VAE)."""
     return {
-        "unet": _unet_config(sample_size=64, channels=(320, 640, 1280, 1280), layers_per_block=2,
-                             cross_attention_dim=768),
+        "unet": _unet_config(
+            sample_size=64, channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768
+        ),
         "text_encoder": _text_config(hidden=768, intermediate=3072, layers=12, heads=12),
         "vae": _vae_config(sample_size=512, channels=(128, 256, 512, 512), layers_per_block=2),
     }
 
 
-def build_components(configs: ComponentConfigs, seed: int = 0,
-                     device: torch.device | str = "cpu") -> dict[str, torch.nn.Module]:
+def build_components(
+    configs: ComponentConfigs, seed: int = 0, device: torch.device | str = "cpu"
+) -> dict[str, torch.nn.Module]:
     """UNet, text encoder and VAE with seeded weights; reseeding per component keeps each one
     independent of the others' sizes. ``device="meta"`` allocates nothing (for counting parameters)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -133,8 +136,11 @@ def build_components(configs: ComponentConfigs, seed: int = 0,
         # A freshly initialised final LayerNorm (scale 1, shift 0) puts every embedding on the
         # hyperplane where its features sum to zero, a degeneracy no trained CLIP has and one that
         # makes closed-form edits singular. Random affine parameters remove it, as training does.
-        norm = text_encoder.get_submodule("final_layer_norm") if hasattr(text_encoder, "final_layer_norm") \
+        norm = (
+            text_encoder.get_submodule("final_layer_norm")
+            if hasattr(text_encoder, "final_layer_norm")
             else text_encoder.text_model.final_layer_norm
+        )
         if device != "meta":
             with torch.no_grad():
                 norm.weight.normal_(1.0, 0.2)
@@ -149,8 +155,9 @@ def sd14_random_components(device: torch.device | str = "cpu", seed: int = 0) ->
     return build_components(sd14_configs(), seed, device)
 
 
-def assemble_pipeline(components: dict[str, torch.nn.Module],
-                      dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+def assemble_pipeline(
+    components: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
     """An SD pipeline around ``components`` with the real tokenizer, SD's DDIM and no safety checker."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -172,8 +179,9 @@ def build_tiny_sd(seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDi
     return assemble_pipeline(build_components(tiny_sd_configs(), seed), dtype)
 
 
-def build_sd14_random(seed: int = 0, dtype: torch.dtype = torch.float32,
-                      device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+def build_sd14_random(
+    seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> StableDiffusionPipeline:
     """SD-1.4's exact architecture with random weights: real memory and speed without the weights."""
     return assemble_pipeline(sd14_random_components(device, seed), dtype)
 
@@ -197,9 +205,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     model.name: model
     for model in (
         BuiltinModel("tiny-sd", "tiny random SD-1.x (64 px, 3.4M parameters) for tests and dry runs", build_tiny_sd),
-        BuiltinModel("sd14-random", "SD-1.4's exact architecture (1.07B parameters) with random weights",
-                     build_sd14_random),
-        BuiltinModel("shapes", "SD-1.x architecture trained on coloured shapes (32 px): knows colours and shapes, "
-                     "by name and implicitly; the default for measuring erasure offline", _load_shapes),
+        BuiltinModel(
+            "sd14-random", "SD-1.4's exact architecture (1.07B parameters) with random weights", build_sd14_random
+        ),
+        BuiltinModel(
+            "shapes",
+            "SD-1.x architecture trained on coloured shapes (32 px): knows colours and shapes, "
+            "by name and implicitly; the default for measuring erasure offline",
+            _load_shapes,
+        ),
     )
 }

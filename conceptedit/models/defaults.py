@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from conceptedit.hookspecs import hookimpl
-from conceptedit.models.backbone import BackboneAdapter, StableDiffusionAdapter
+from conceptedit.api.backbone import BackboneAdapter
+from conceptedit.api.hooks import hookimpl
+from conceptedit.models.backbone import StableDiffusionAdapter
 
 
 @hookimpl

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from conceptedit.api.paths import path_text_problem, shown
 from conceptedit.errors import ModelLoadError
 from conceptedit.io.hashing import file_sha256
-from conceptedit.io.paths import path_text_problem, shown
 from conceptedit.models.builtin import BUILTIN_MODELS
 
 BUILTIN_PREFIX = "builtin:"
@@ -78,6 +78,43 @@ def load_model(
         loaded.pipeline.to(dtype=torch_dtype)
     loaded.pipeline.set_progress_bar_config(disable=True)
     return loaded
+
+
+def model_id_problem(model_id: str) -> tuple[str, str] | None:
+    """``(message, fix)`` for a model id that cannot load, found without loading anything; None
+    if it may load. The recipe loader reports it at ``model.id``; :func:`load_model` decides the same way."""
+    if model_id.startswith(BUILTIN_PREFIX):
+        if model_id[len(BUILTIN_PREFIX) :] in BUILTIN_MODELS:
+            return None
+        known = [BUILTIN_PREFIX + n for n in BUILTIN_MODELS]
+        close = get_close_matches(model_id, known, n=1)
+        return f"unknown built-in model {model_id!r}", (f"did you mean {close[0]!r}? " if close else "") + (
+            "built-ins: " + ", ".join(known)
+        )
+    target = Path(model_id).expanduser()
+    if target.suffix in WEIGHT_SUFFIXES and target.suffix != ".safetensors":
+        return (
+            f"{model_id!r}: only .safetensors checkpoints are loaded ({target.suffix} files are pickles, "
+            "which can run arbitrary code when loaded)",
+            "convert the checkpoint to .safetensors, or give a diffusers folder",
+        )
+    if target.suffix in WEIGHT_SUFFIXES and not target.is_file():
+        return (
+            f"checkpoint file {model_id!r} does not exist (looked for {target.resolve()})",
+            "model paths are relative to the current folder",
+        )
+    if target.suffix not in WEIGHT_SUFFIXES and _looks_like_path(model_id) and not target.is_dir():
+        return (
+            f"model folder {model_id!r} does not exist (looked for {target.resolve()})",
+            "give a diffusers folder (with model_index.json), a .safetensors file, a hub id "
+            "(owner/name) or builtin:tiny-sd; model paths are relative to the current folder",
+        )
+    if target.suffix not in WEIGHT_SUFFIXES and target.is_dir() and not (target / "model_index.json").is_file():
+        return (
+            f"model folder {model_id!r} has no model_index.json, so it is not a diffusers pipeline folder",
+            "give the folder that holds model_index.json (e.g. one written by save_pretrained)",
+        )
+    return None
 
 
 def _looks_like_path(model_id: str) -> bool:

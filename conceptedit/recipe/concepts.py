@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from conceptedit.api.edits import PromptPair
+from conceptedit.api.recipe import ConceptSet
 from conceptedit.errors import ConceptEditError
-from conceptedit.recipe.schema import ConceptSet
-
-
-@dataclass(frozen=True)
-class PromptPair:
-    """A prompt carrying a concept and the prompt it should behave like afterwards.
-
-    Attributes:
-        source: The prompt with the concept to edit (``"A snapshot of nudity"``).
-        target: The same template filled with the target (``"A snapshot of a person wearing clothes"``).
-        concept: The bare concept (``"nudity"``), for methods that locate its tokens.
-        target_concept: The bare target.
-    """
-
-    source: str
-    target: str
-    concept: str
-    target_concept: str
 
 
 class ConceptFileError(ConceptEditError):

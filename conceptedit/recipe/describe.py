@@ -1,4 +1,4 @@
-"""Human-readable descriptions of parameter models, for ``conceptedit methods``."""
+"""Human-readable descriptions of methods and their parameter models, for ``conceptedit methods``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
+
+from conceptedit.api.method import EditMethod
 
 
 def describe_model(model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -34,3 +36,18 @@ def describe_model(model: type[BaseModel]) -> list[dict[str, Any]]:
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     return text or str(annotation).replace("typing.", "")
+
+
+def describe_method(cls: type[EditMethod[Any]]) -> dict[str, object]:
+    """Name, kind, backbones and every parameter with type, default and description."""
+    out: dict[str, object] = {
+        "name": cls.name,
+        "summary": cls.summary,
+        "kind": cls.kind,
+        "paper": cls.paper,
+        "backbones": sorted(cls.backbones),
+        "params": describe_model(cls.Params),
+    }
+    if cls.kind == "training":
+        out["training"] = describe_model(cls.Training)
+    return out

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from difflib import get_close_matches
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, cast, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from conceptedit.api.edits import PromptPair
+from conceptedit.api.paths import path_text_problem, shown
+from conceptedit.api.recipe import ConceptRefMarker, GroupBase, RecipeBase
 from conceptedit.errors import PluginError, RecipeError, RecipeIssue
-from conceptedit.io.paths import path_text_problem, shown
+from conceptedit.models.loading import model_id_problem
 from conceptedit.plugins import PluginHost, get_host
-from conceptedit.recipe.concepts import ConceptFileError, read_concept_file
-from conceptedit.recipe.schema import ConceptRefMarker, GroupBase, RecipeBase, RecipeSchema, resolve_relative
+from conceptedit.recipe.concepts import ConceptFileError, expand_concepts
+from conceptedit.recipe.schema import RecipeSchema
 
 
 @dataclass
@@ -36,6 +39,7 @@ class LoadedRecipe:
         base_dir: Folder that relative paths in the recipe are resolved against.
         overrides: The ``--set`` overrides applied, in order.
         host: The plugin host the recipe was validated against.
+        concepts: Every concept set of the recipe expanded to its prompt pairs, once, here.
     """
 
     recipe: RecipeBase
@@ -44,6 +48,7 @@ class LoadedRecipe:
     base_dir: Path
     overrides: list[str]
     host: PluginHost
+    concepts: dict[str, list[PromptPair]] = field(default_factory=dict)
 
     @property
     def stem(self) -> str:
@@ -89,9 +94,9 @@ def load_recipe(
         )
         raise RecipeError(label, [*issues, issue])
     for item in overrides:
-        issue = apply_override(data, item)
-        if issue is not None:
-            issues.append(issue)
+        refused = apply_override(data, item)
+        if refused is not None:
+            issues.append(refused)
     issues.extend(_load_recipe_plugins(data, base_dir, host, lines))
     issues.extend(_check_model_id(data, lines))
     schema = schema_for(host)
@@ -100,10 +105,11 @@ def load_recipe(
     except ValidationError as exc:
         issues.extend(_convert_errors(exc, schema, lines, host))
         raise RecipeError(label, _mark_overridden(issues, overrides)) from None
-    issues.extend(_cross_checks(model, schema, base_dir, host, lines))
+    concepts = _expand_concepts(model, base_dir, lines, issues)
+    issues.extend(_cross_checks(model, schema, host, lines))
     if issues:
         raise RecipeError(label, _mark_overridden(issues, overrides))
-    loaded = LoadedRecipe(model, source, text, base_dir, overrides, host)
+    loaded = LoadedRecipe(model, source, text, base_dir, overrides, host, concepts)
     host.pm.hook.conceptedit_recipe_loaded(recipe=model, source=label)
     return loaded
 
@@ -218,14 +224,14 @@ class _BoundedLoader(_TagChecks, yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise _TooDeep(problem=_TOO_DEEP, problem_mark=self.peek_event().start_mark)
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
@@ -258,7 +264,7 @@ def _shallow_yaml(text: str) -> bool:
             if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    raise _TooDeep(problem=_TOO_DEEP, problem_mark=event.start_mark)
+                    raise _TooDeep(problem=_TOO_DEEP, problem_mark=cast(yaml.Mark, event.start_mark))
             elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
                 depth -= 1
     except _TooDeep:
@@ -365,65 +371,15 @@ def _index_hint(items: list[Any]) -> str:
 
 def _check_model_id(data: dict[str, Any], lines: _LineIndex) -> list[RecipeIssue]:
     """Catch model ids that cannot load without loading anything: the same decisions as ``load_model``."""
-    from conceptedit.models.builtin import BUILTIN_MODELS
-    from conceptedit.models.loading import BUILTIN_PREFIX, WEIGHT_SUFFIXES, _looks_like_path
-
     spec = data.get("model")
     model_id = spec.get("id") if isinstance(spec, dict) else spec
     if not isinstance(model_id, str) or not model_id.strip() or path_text_problem(model_id):
         return []  # missing, empty, mistyped or not a usable path: the schema reports it
-    path = "model.id"
-    line = lines.line(path)
-    if model_id.startswith(BUILTIN_PREFIX):
-        name = model_id[len(BUILTIN_PREFIX) :]
-        if name in BUILTIN_MODELS:
-            return []
-        known = [BUILTIN_PREFIX + n for n in BUILTIN_MODELS]
-        close = get_close_matches(model_id, known, n=1)
-        hint = (f"did you mean {close[0]!r}? " if close else "") + "built-ins: " + ", ".join(known)
-        return [RecipeIssue(path, f"unknown built-in model {model_id!r}", line, hint)]
-    target = Path(model_id).expanduser()
-    if target.suffix in WEIGHT_SUFFIXES:
-        if target.suffix != ".safetensors":
-            return [
-                RecipeIssue(
-                    path,
-                    f"{model_id!r}: only .safetensors checkpoints are loaded ({target.suffix} files are pickles, "
-                    "which can run arbitrary code when loaded)",
-                    line,
-                    "convert the checkpoint to .safetensors, or give a diffusers folder",
-                )
-            ]
-        if not target.is_file():
-            return [
-                RecipeIssue(
-                    path,
-                    f"checkpoint file {model_id!r} does not exist (looked for {target.resolve()})",
-                    line,
-                    "model paths are relative to the current folder",
-                )
-            ]
+    problem = model_id_problem(model_id)
+    if problem is None:
         return []
-    if _looks_like_path(model_id) and not target.is_dir():
-        return [
-            RecipeIssue(
-                path,
-                f"model folder {model_id!r} does not exist (looked for {target.resolve()})",
-                line,
-                "give a diffusers folder (with model_index.json), a .safetensors file, a hub id "
-                "(owner/name) or builtin:tiny-sd; model paths are relative to the current folder",
-            )
-        ]
-    if target.is_dir() and not (target / "model_index.json").is_file():
-        return [
-            RecipeIssue(
-                path,
-                f"model folder {model_id!r} has no model_index.json, so it is not a diffusers pipeline folder",
-                line,
-                "give the folder that holds model_index.json (e.g. one written by save_pretrained)",
-            )
-        ]
-    return []
+    message, hint = problem
+    return [RecipeIssue("model.id", message, lines.line("model.id"), hint)]
 
 
 # --------------------------------------------------------------------------- plugins
@@ -476,28 +432,11 @@ def _convert_errors(
         given = err.get("input")
         suggestion = None
         if kind == "extra_forbidden":
-            key = str(loc[-1])
-            allowed = _allowed_keys(schema, err["loc"][:-1])
-            message = f"unknown key {key!r}"
-            close = get_close_matches(key, allowed, n=1, cutoff=0.5)
-            if close:
-                suggestion = f"did you mean {close[0]!r}?"
-            elif allowed:
-                suggestion = "allowed keys: " + ", ".join(allowed)
+            message, suggestion = _unknown_key(str(loc[-1]), _allowed_keys(schema, err["loc"][:-1]))
         elif kind == "unknown_method":
             message, suggestion = _unknown_method(given, ctx, schema, host)
         elif kind == "missing":
-            key = str(loc[-1])
-            message = f"required key {key!r} is missing"
-            suggestion = _MISSING_HINTS.get(path)
-            if key == "params":
-                method = next((p for p in err["loc"] if isinstance(p, str) and p in schema.methods), None)
-                suggestion = f"`conceptedit methods {method or 'NAME'}` lists the required parameters"
-            close = get_close_matches(key, extra.get(loc[:-1], []), n=1, cutoff=0.5)
-            if close:
-                where = lines.line(".".join(str(part) for part in (*loc[:-1], close[0])))
-                at = f" (line {where})" if where else ""
-                suggestion = f"rename {close[0]!r}{at} to {key!r}"
+            message, suggestion = _missing_key(loc, err["loc"], extra.get(loc[:-1], []), schema, lines)
         elif kind == "literal_error" and path == "schema_version":
             message += f", got {shown(given)}"
             suggestion = "this conceptedit reads schema_version 1; write `schema_version: 1`"
@@ -526,6 +465,30 @@ def _convert_errors(
                 suggestion = f"write a YAML list, e.g. [{str(given)[:40]}]"
         issues.append(RecipeIssue(path, message, lines.line(path), suggestion))
     return issues
+
+
+def _unknown_key(key: str, allowed: list[str]) -> tuple[str, str | None]:
+    close = get_close_matches(key, allowed, n=1, cutoff=0.5)
+    if close:
+        return f"unknown key {key!r}", f"did you mean {close[0]!r}?"
+    return f"unknown key {key!r}", ("allowed keys: " + ", ".join(allowed)) if allowed else None
+
+
+def _missing_key(
+    loc: tuple[Any, ...], raw_loc: tuple[Any, ...], unknown_here: list[str], schema: RecipeSchema, lines: _LineIndex
+) -> tuple[str, str | None]:
+    """A required key is missing: point at a misspelt key beside it, or say what to add."""
+    key = str(loc[-1])
+    suggestion = _MISSING_HINTS.get(".".join(str(part) for part in loc))
+    if key == "params":
+        method = next((p for p in raw_loc if isinstance(p, str) and p in schema.methods), None)
+        suggestion = f"`conceptedit methods {method or 'NAME'}` lists the required parameters"
+    close = get_close_matches(key, unknown_here, n=1, cutoff=0.5)
+    if close:
+        where = lines.line(".".join(str(part) for part in (*loc[:-1], close[0])))
+        at = f" (line {where})" if where else ""
+        suggestion = f"rename {close[0]!r}{at} to {key!r}"
+    return f"required key {key!r} is missing", suggestion
 
 
 _MISSING_HINTS = {
@@ -646,19 +609,24 @@ def _unwrap(annotation: Any) -> Any:
 # --------------------------------------------------------------------------- cross-field checks
 
 
-def _cross_checks(
-    recipe: RecipeBase, schema: RecipeSchema, base_dir: Path, host: PluginHost, lines: _LineIndex
-) -> list[RecipeIssue]:
-    issues: list[RecipeIssue] = []
+def _expand_concepts(
+    recipe: RecipeBase, base_dir: Path, lines: _LineIndex, issues: list[RecipeIssue]
+) -> dict[str, list[PromptPair]]:
+    """Each concept set's prompt pairs (its file read once, here); a set that cannot be read is an issue."""
+    out: dict[str, list[PromptPair]] = {}
     for name, concept_set in recipe.concepts.items():
-        if concept_set.file is not None:
+        try:
+            out[name] = expand_concepts(concept_set, base_dir)
+        except ConceptFileError as exc:
             path = f"concepts.{name}.file"
-            try:
-                read_concept_file(resolve_relative(base_dir, concept_set.file))
-            except ConceptFileError as exc:
-                issues.append(RecipeIssue(path, str(exc), lines.line(path), "paths are relative to the recipe file"))
+            issues.append(RecipeIssue(path, str(exc), lines.line(path), "paths are relative to the recipe file"))
+    return out
+
+
+def _cross_checks(recipe: RecipeBase, schema: RecipeSchema, host: PluginHost, lines: _LineIndex) -> list[RecipeIssue]:
+    issues: list[RecipeIssue] = []
     known_sets = list(recipe.concepts)
-    for i, item in enumerate(recipe.edits):  # type: ignore[attr-defined]
+    for i, item in enumerate(recipe.edits):
         if isinstance(item, GroupBase):
             for j, member in enumerate(item.edits):
                 prefix = f"edits.{i}.edits.{j}"

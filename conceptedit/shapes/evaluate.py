@@ -49,8 +49,13 @@ class Judged:
 
 
 @torch.no_grad()
-def generate(pipeline: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int],
-             batch_size: int = 64, **sampler: Any) -> np.ndarray:
+def generate(
+    pipeline: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    batch_size: int = 64,
+    **sampler: Any,
+) -> np.ndarray:
     """``(len(prompts), H, W, 3)`` uint8 images, the i-th from ``prompts[i]`` and ``seeds[i]``."""
     settings = {**SAMPLER, **sampler}
     images = []
@@ -62,8 +67,9 @@ def generate(pipeline: StableDiffusionPipeline, prompts: Sequence[str], seeds: S
     return np.concatenate(images)
 
 
-def judge_prompts(pipeline: StableDiffusionPipeline, prompts: Sequence[Prompt], seeds: Sequence[int],
-                  **sampler: Any) -> list[Judged]:
+def judge_prompts(
+    pipeline: StableDiffusionPipeline, prompts: Sequence[Prompt], seeds: Sequence[int], **sampler: Any
+) -> list[Judged]:
     """Generate every prompt with every seed and judge the images."""
     pairs = [(p, s) for p in prompts for s in seeds]
     images = generate(pipeline, [p.text for p, _ in pairs], [s for _, s in pairs], **sampler)
@@ -78,8 +84,12 @@ def accuracy(judged: Sequence[Judged]) -> Accuracy:
     return Accuracy(colour, shape, n)
 
 
-def benchmark(pipeline: StableDiffusionPipeline, explicit_seeds: Sequence[int] = range(4),
-              implicit_seeds: Sequence[int] = range(2), **sampler: Any) -> dict[str, Any]:
+def benchmark(
+    pipeline: StableDiffusionPipeline,
+    explicit_seeds: Sequence[int] = range(4),
+    implicit_seeds: Sequence[int] = range(2),
+    **sampler: Any,
+) -> dict[str, Any]:
     """Accuracy on the explicit prompts, and on the held-out implicit colour and shape prompts,
     overall and per concept; with every verdict, so a regression can be traced to its images."""
     explicit = judge_prompts(pipeline, explicit_prompts(), explicit_seeds, **sampler)

@@ -69,8 +69,9 @@ def judge(image: np.ndarray) -> Verdict:
         shapes[name] = shapes.get(name, 0.0) + area
     total = sum(areas)
     shape = max(shapes, key=shapes.__getitem__)
-    listed_shapes = tuple(s for s in sorted(shapes, key=shapes.__getitem__, reverse=True)
-                          if s != NONE and shapes[s] >= _MIN_SHARE * total)
+    listed_shapes = tuple(
+        s for s in sorted(shapes, key=shapes.__getitem__, reverse=True) if s != NONE and shapes[s] >= _MIN_SHARE * total
+    )
     colour = colours[0] if colours else NONE
     return Verdict(colour, shape, colours, listed_shapes)
 
@@ -173,7 +174,7 @@ def _prototypes() -> tuple[tuple[str, ...], np.ndarray]:
 def _components(mask: np.ndarray) -> list[np.ndarray]:
     """Boolean masks of the 8-connected components of ``mask``, largest first."""
     labels = np.zeros(mask.shape, dtype=np.int32)
-    sizes = []
+    sizes: list[float] = []
     height, width = mask.shape
     for start in zip(*np.nonzero(mask), strict=True):
         if labels[start]:

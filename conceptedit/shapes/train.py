@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -53,12 +53,13 @@ def shapes_configs() -> ComponentConfigs:
     # away the mean of each channel over the image, the very signal that carries a flat shape's colour.
     return {
         # 64 and 96 channels over 8x8 latents; cross-attention reads the 48-wide text embeddings.
-        "unet": {**_unet_config(sample_size=8, channels=(64, 96), layers_per_block=1, cross_attention_dim=48),
-                 "norm_num_groups": 16},
+        "unet": {
+            **_unet_config(sample_size=8, channels=(64, 96), layers_per_block=1, cross_attention_dim=48),
+            "norm_num_groups": 16,
+        },
         "text_encoder": _text_config(hidden=48, intermediate=192, layers=4, heads=4),
         # Three levels downsample twice: 32 px images to 8x8 latents (SD's 8x would leave 4x4).
-        "vae": {**_vae_config(sample_size=IMAGE_SIZE, channels=(16, 32, 64), layers_per_block=1),
-                "norm_num_groups": 8},
+        "vae": {**_vae_config(sample_size=IMAGE_SIZE, channels=(16, 32, 64), layers_per_block=1), "norm_num_groups": 8},
     }
 
 
@@ -110,8 +111,11 @@ class TrainResult:
     losses: dict[str, float]
 
     def describe(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
-                "losses": {k: round(v, 5) for k, v in self.losses.items()}}
+        return {
+            "config": asdict(self.config),
+            "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+            "losses": {k: round(v, 5) for k, v in self.losses.items()},
+        }
 
 
 def train(config: TrainConfig, log: Log = print) -> TrainResult:
@@ -159,8 +163,9 @@ def image_batch(rng: np.random.Generator, n: int) -> tuple[Tensor, list[Scene]]:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes
 
 
-def train_vae(vae: AutoencoderKL, config: TrainConfig, rng: np.random.Generator,
-              generator: torch.Generator, log: Log) -> float:
+def train_vae(
+    vae: AutoencoderKL, config: TrainConfig, rng: np.random.Generator, generator: torch.Generator, log: Log
+) -> float:
     """Reconstruction training, then the latent scaling factor that gives the UNet unit-variance
     inputs; returns the last loss."""
     vae.train()
@@ -189,21 +194,27 @@ def train_vae(vae: AutoencoderKL, config: TrainConfig, rng: np.random.Generator,
     return average
 
 
-def caption_batch(rng: np.random.Generator, n: int, dropout: float,
-                  scenes: Sequence[Scene] | None = None) -> list[Caption]:
+def caption_batch(
+    rng: np.random.Generator, n: int, dropout: float, scenes: Sequence[Scene] | None = None
+) -> list[Caption]:
     """Captions of ``scenes`` (default: ``n`` random ones), a share ``dropout`` of them empty."""
     scenes = scenes if scenes is not None else [sample_scene(rng) for _ in range(n)]
     return [Caption("", {}) if rng.random() < dropout else describe(s, rng) for s in scenes]
 
 
-def train_text_encoder(text_encoder: nn.Module, token_ids: _TokenCache, config: TrainConfig,
-                       rng: np.random.Generator, log: Log) -> float:
+def train_text_encoder(
+    text_encoder: nn.Module, token_ids: _TokenCache, config: TrainConfig, rng: np.random.Generator, log: Log
+) -> float:
     """Teach the text encoder what captions say: from every position from the first end-of-text token
     on, linear probes (discarded afterwards) must tell each attribute's value or that it is unstated.
     Every phrasing of a concept so lands near its name, as a pretrained CLIP's would; the word
     positions, which no probe reads, keep what distinguishes the phrasings."""
-    probes = nn.ModuleDict({name: nn.Linear(text_encoder.config.hidden_size, len(values) + 1)
-                            for name, values in ATTRIBUTES.items()})
+    probes = nn.ModuleDict(
+        {
+            name: nn.Linear(cast(Any, text_encoder).config.hidden_size, len(values) + 1)
+            for name, values in ATTRIBUTES.items()
+        }
+    )
     parameters = [*text_encoder.parameters(), *probes.parameters()]
     optimiser = torch.optim.AdamW(parameters, lr=config.text_lr, weight_decay=0.01)
     schedule = _cosine(optimiser, config.warmup, config.text_steps)
@@ -236,8 +247,16 @@ def train_text_encoder(text_encoder: nn.Module, token_ids: _TokenCache, config: 
     return average
 
 
-def train_unet(unet: nn.Module, text_encoder: nn.Module, vae: AutoencoderKL, token_ids: _TokenCache,
-               config: TrainConfig, rng: np.random.Generator, generator: torch.Generator, log: Log) -> float:
+def train_unet(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    vae: AutoencoderKL,
+    token_ids: _TokenCache,
+    config: TrainConfig,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    log: Log,
+) -> float:
     """Epsilon-prediction training of the UNet on the frozen text encoder's embeddings; returns the
     last smoothed loss."""
     from diffusers import DDPMScheduler
@@ -257,8 +276,9 @@ def train_unet(unet: nn.Module, text_encoder: nn.Module, vae: AutoencoderKL, tok
     for step in range(config.steps):
         index = rng.integers(config.pool, size=config.batch)
         captions = caption_batch(rng, config.batch, config.caption_dropout, [scenes[i] for i in index])
-        latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) \
-            * vae.config.scaling_factor
+        latents = (
+            mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
+        ) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -277,8 +297,9 @@ def train_unet(unet: nn.Module, text_encoder: nn.Module, vae: AutoencoderKL, tok
 
 
 @torch.no_grad()
-def latent_pool(vae: AutoencoderKL, rng: np.random.Generator, n: int,
-                batch: int = 256) -> tuple[list[Scene], Tensor, Tensor]:
+def latent_pool(
+    vae: AutoencoderKL, rng: np.random.Generator, n: int, batch: int = 256
+) -> tuple[list[Scene], Tensor, Tensor]:
     """``n`` random scenes with the mean and standard deviation of their latent posteriors."""
     scenes: list[Scene] = []
     means, stds = [], []

@@ -61,38 +61,95 @@ class Colour(Concept):
 
 # Hues at least 26 degrees apart, saturated and bright, so the judge separates them by hue alone.
 COLOURS: tuple[Colour, ...] = (
-    Colour("red", "colour", ("crimson", "scarlet", "ruby"),
-           ("the colour of blood", "like a ripe tomato", "the colour of a fire engine", "like a ripe strawberry"),
-           held_out=("scarlet", "like a ripe tomato", "the colour of a fire engine"), hue=0.0, sv=(0.88, 0.86)),
-    Colour("orange", "colour", ("tangerine", "apricot", "amber"),
-           ("the colour of a pumpkin", "like a carrot", "the colour of marmalade", "like a ripe mandarin"),
-           held_out=("apricot", "like a carrot", "the colour of marmalade"), hue=28.0, sv=(0.95, 0.96)),
-    Colour("yellow", "colour", ("golden", "lemon", "canary"),
-           ("the colour of the sun", "like a banana", "the colour of a sunflower", "like an egg yolk"),
-           held_out=("canary", "like a banana", "the colour of a sunflower"), hue=54.0, sv=(0.95, 0.95)),
-    Colour("green", "colour", ("emerald", "jade", "verdant"),
-           ("the colour of grass", "like a fresh leaf", "like a frog", "the colour of a pine forest"),
-           held_out=("jade", "like a frog", "the colour of a pine forest"), hue=125.0, sv=(0.8, 0.72)),
-    Colour("blue", "colour", ("azure", "sapphire", "cobalt"),
-           ("the colour of the sky", "like the deep sea", "the colour of denim", "like a cornflower"),
-           held_out=("cobalt", "like the deep sea", "the colour of denim"), hue=220.0, sv=(0.85, 0.9)),
-    Colour("purple", "colour", ("violet", "amethyst", "plum"),
-           ("the colour of grapes", "like an aubergine", "the colour of lavender", "like a royal robe"),
-           held_out=("amethyst", "like an aubergine", "the colour of lavender"), hue=280.0, sv=(0.78, 0.8)),
+    Colour(
+        "red",
+        "colour",
+        ("crimson", "scarlet", "ruby"),
+        ("the colour of blood", "like a ripe tomato", "the colour of a fire engine", "like a ripe strawberry"),
+        held_out=("scarlet", "like a ripe tomato", "the colour of a fire engine"),
+        hue=0.0,
+        sv=(0.88, 0.86),
+    ),
+    Colour(
+        "orange",
+        "colour",
+        ("tangerine", "apricot", "amber"),
+        ("the colour of a pumpkin", "like a carrot", "the colour of marmalade", "like a ripe mandarin"),
+        held_out=("apricot", "like a carrot", "the colour of marmalade"),
+        hue=28.0,
+        sv=(0.95, 0.96),
+    ),
+    Colour(
+        "yellow",
+        "colour",
+        ("golden", "lemon", "canary"),
+        ("the colour of the sun", "like a banana", "the colour of a sunflower", "like an egg yolk"),
+        held_out=("canary", "like a banana", "the colour of a sunflower"),
+        hue=54.0,
+        sv=(0.95, 0.95),
+    ),
+    Colour(
+        "green",
+        "colour",
+        ("emerald", "jade", "verdant"),
+        ("the colour of grass", "like a fresh leaf", "like a frog", "the colour of a pine forest"),
+        held_out=("jade", "like a frog", "the colour of a pine forest"),
+        hue=125.0,
+        sv=(0.8, 0.72),
+    ),
+    Colour(
+        "blue",
+        "colour",
+        ("azure", "sapphire", "cobalt"),
+        ("the colour of the sky", "like the deep sea", "the colour of denim", "like a cornflower"),
+        held_out=("cobalt", "like the deep sea", "the colour of denim"),
+        hue=220.0,
+        sv=(0.85, 0.9),
+    ),
+    Colour(
+        "purple",
+        "colour",
+        ("violet", "amethyst", "plum"),
+        ("the colour of grapes", "like an aubergine", "the colour of lavender", "like a royal robe"),
+        held_out=("amethyst", "like an aubergine", "the colour of lavender"),
+        hue=280.0,
+        sv=(0.78, 0.8),
+    ),
 )
 
 SHAPES: tuple[Concept, ...] = (
-    Concept("circle", "shape", ("round",), ("like the full moon", "like a coin", "like a wheel"),
-            nouns=("disk", "orb", "dot"), held_out=("orb", "like the full moon", "like a coin")),
-    Concept("square", "shape", ("four-sided", "boxy"),
-            ("like a sugar cube", "like a postage stamp", "like a window pane"),
-            nouns=("block", "tile"), held_out=("tile", "like a sugar cube", "like a window pane")),
-    Concept("triangle", "shape", ("three-sided", "triangular"),
-            ("like a mountain peak", "like a tent", "like a shark fin"),
-            nouns=("wedge", "pyramid"), held_out=("pyramid", "like a mountain peak", "like a tent")),
-    Concept("cross", "shape", ("cruciform", "plus-shaped"),
-            ("like a first aid symbol", "like a hospital sign", "like a windmill's sails"),
-            nouns=("plus sign",), held_out=("plus sign", "like a hospital sign", "like a windmill's sails")),
+    Concept(
+        "circle",
+        "shape",
+        ("round",),
+        ("like the full moon", "like a coin", "like a wheel"),
+        nouns=("disk", "orb", "dot"),
+        held_out=("orb", "like the full moon", "like a coin"),
+    ),
+    Concept(
+        "square",
+        "shape",
+        ("four-sided", "boxy"),
+        ("like a sugar cube", "like a postage stamp", "like a window pane"),
+        nouns=("block", "tile"),
+        held_out=("tile", "like a sugar cube", "like a window pane"),
+    ),
+    Concept(
+        "triangle",
+        "shape",
+        ("three-sided", "triangular"),
+        ("like a mountain peak", "like a tent", "like a shark fin"),
+        nouns=("wedge", "pyramid"),
+        held_out=("pyramid", "like a mountain peak", "like a tent"),
+    ),
+    Concept(
+        "cross",
+        "shape",
+        ("cruciform", "plus-shaped"),
+        ("like a first aid symbol", "like a hospital sign", "like a windmill's sails"),
+        nouns=("plus sign",),
+        held_out=("plus sign", "like a hospital sign", "like a windmill's sails"),
+    ),
 )
 
 COLOUR_NAMES = tuple(c.name for c in COLOURS)
@@ -109,7 +166,11 @@ POSITIONS = ("centre", "left", "right", "top", "bottom")
 BACKGROUNDS = ("light", "dark")
 #: Every attribute a caption can state, with its values.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "colour": COLOUR_NAMES, "shape": SHAPE_NAMES, "size": SIZES, "position": POSITIONS, "background": BACKGROUNDS,
+    "colour": COLOUR_NAMES,
+    "shape": SHAPE_NAMES,
+    "size": SIZES,
+    "position": POSITIONS,
+    "background": BACKGROUNDS,
 }
 
 _SIZE_WORDS = {"small": ("small", "tiny"), "large": ("large", "big")}
@@ -120,8 +181,10 @@ _POSITION_WORDS = {
     "top": ("at the top",),
     "bottom": ("at the bottom",),
 }
-_BACKGROUND_WORDS = {"light": ("on a white background", "on a light background"),
-                     "dark": ("on a black background", "on a dark background")}
+_BACKGROUND_WORDS = {
+    "light": ("on a white background", "on a light background"),
+    "dark": ("on a black background", "on a dark background"),
+}
 _PREFIXES = ("a picture of ", "an image of ", "a drawing of ")
 _RADIUS = {"small": (5.5, 7.5), "large": (9.0, 11.5)}  # half the shape's extent, in pixels
 _OFFSET = {"centre": (0, 0), "left": (-5, 0), "right": (5, 0), "top": (0, -5), "bottom": (0, 5)}
@@ -169,8 +232,17 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     hue = (colour.hue + rng.uniform(-3, 3)) % 360 / 360
     sat, val = (float(np.clip(x + rng.uniform(-0.05, 0.05), 0, 1)) for x in colour.sv)
     mean, jitter = _GREY[background]
-    return Scene(colour.name, SHAPES[rng.integers(len(SHAPES))].name, size, position, background, radius,
-                 (cx, cy), colorsys.hsv_to_rgb(hue, sat, val), float(mean + rng.uniform(-jitter, jitter)))
+    return Scene(
+        colour.name,
+        SHAPES[rng.integers(len(SHAPES))].name,
+        size,
+        position,
+        background,
+        radius,
+        (cx, cy),
+        colorsys.hsv_to_rgb(hue, sat, val),
+        float(mean + rng.uniform(-jitter, jitter)),
+    )
 
 
 def shape_outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -184,9 +256,20 @@ def shape_outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
         return [(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)]
     if shape == "cross":
         e, w = 0.95 * r, 0.36 * r
-        return [(cx - w, cy - e), (cx + w, cy - e), (cx + w, cy - w), (cx + e, cy - w), (cx + e, cy + w),
-                (cx + w, cy + w), (cx + w, cy + e), (cx - w, cy + e), (cx - w, cy + w), (cx - e, cy + w),
-                (cx - e, cy - w), (cx - w, cy - w)]
+        return [
+            (cx - w, cy - e),
+            (cx + w, cy - e),
+            (cx + w, cy - w),
+            (cx + e, cy - w),
+            (cx + e, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + e),
+            (cx - w, cy + e),
+            (cx - w, cy + w),
+            (cx - e, cy + w),
+            (cx - e, cy - w),
+            (cx - w, cy - w),
+        ]
     raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPE_NAMES)}")
 
 
@@ -196,8 +279,9 @@ def render(scene: Scene) -> np.ndarray:
     size = IMAGE_SIZE * k
     mask = Image.new("L", (size, size), 0)
     cx, cy = scene.centre
-    ImageDraw.Draw(mask).polygon([(x * k, y * k) for x, y in shape_outline(scene.shape, cx, cy, scene.radius)],
-                                 fill=255)
+    ImageDraw.Draw(mask).polygon(
+        [(x * k, y * k) for x, y in shape_outline(scene.shape, cx, cy, scene.radius)], fill=255
+    )
     alpha = np.asarray(mask.reduce(k), dtype=np.float32)[..., None] / 255
     image = alpha * np.asarray(scene.rgb, dtype=np.float32) + (1 - alpha) * scene.grey
     return np.round(image * 255).astype(np.uint8)

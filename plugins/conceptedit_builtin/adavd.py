@@ -256,14 +256,14 @@ class AdaVDProcessor:
         call = {"encoder_hidden_states": encoder_hidden_states, "attention_mask": attention_mask, **kwargs}
         if encoder_hidden_states is None or not self.state.enabled:
             return self.inner(attn, hidden_states, **call)
-        handle = attn.to_v.register_forward_hook(self.edit)
+        handle = attn.get_submodule("to_v").register_forward_hook(self.edit)
         try:
             return self.inner(attn, hidden_states, **call)
         finally:
             handle.remove()
 
 
-class AdaVD(EditMethod):
+class AdaVD(EditMethod[AdaVDParams]):
     """AdaVD: orthogonal-complement edit of cross-attention values, gated per token."""
 
     name = "adavd"
@@ -273,7 +273,7 @@ class AdaVD(EditMethod):
     Params = AdaVDParams
 
     def inference_guard(self, ctx: EditContext) -> Guard:
-        p: AdaVDParams = self.params  # type: ignore[assignment]
+        p = self.params
         return Guard(config={"adavd": p.resolved().model_dump()})
 
     @classmethod
@@ -290,7 +290,7 @@ class AdaVD(EditMethod):
             batch = _CfgBatch(pipeline, state)
             pipeline.unet.register_forward_pre_hook(batch, with_kwargs=True, prepend=True)
         for layer in adapter.cross_attention_layers():
-            module = layer.module
+            module: Any = layer.module  # a diffusers Attention: processors are its own API, not nn.Module's
             module.set_processor(AdaVDProcessor(module.processor, _ValueEdit(concepts, settings, batch), state))
 
 

@@ -53,7 +53,6 @@ from conceptedit.toolkit import (
     PlannedLatents,
     add_noise,
     alphas_cumprod,
-    derive_seed,
     draw_pairs,
     partial_ddim,
     read_prompts,
@@ -191,7 +190,7 @@ class _FinishedLatents:
         return {(int(a), int(b)): i for i, (a, b) in enumerate(self.index.tolist())}
 
 
-class ConceptAblation(EditMethod):
+class ConceptAblation(EditMethod[CaParams]):
     """Concept Ablation on base-model generations of anchor prompts, lean and cached."""
 
     name = "ca"
@@ -202,11 +201,11 @@ class ConceptAblation(EditMethod):
     Training = CaTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:
-        p: CaParams = self.params  # type: ignore[assignment]
+        p = self.params
         return select_parameter_set(ctx.adapter, CA_PARAMETER_SETS[p.parameters])
 
     def prepare_training(self, ctx: EditContext) -> None:
-        p: CaParams = self.params  # type: ignore[assignment]
+        p = self.params
         expanded = ctx.concept_pairs(p.concepts)
         anchors_needed = p.prompt_pairs == "templates" or p.captions is None or p.caption_form == "object"
         if anchors_needed and any(not x.target_concept.strip() for x in expanded):
@@ -234,7 +233,7 @@ class ConceptAblation(EditMethod):
         )
         if p.prompt_pairs == "captions":
             prompts = self._caption_pairs(ctx, expanded, plan)
-        seeds = [derive_seed(ctx.run.seed, ctx.index, "ca", "anchor", j) for j in range(p.anchor_samples)]
+        seeds = [ctx.seed_for("ca", "anchor", j) for j in range(p.anchor_samples)]
         negative = self.negative_prompt(expanded)
         if negative is None:
             self.anchors = sample_planned(
@@ -254,7 +253,7 @@ class ConceptAblation(EditMethod):
 
     def negative_prompt(self, expanded: Sequence[PromptPair]) -> str | None:
         """The anchor generations' negative prompt, or None for the empty prompt (the engine's own cache)."""
-        p: CaParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.anchor_negative_prompt == "none":
             return None
         if p.anchor_negative_prompt == "target":
@@ -269,12 +268,12 @@ class ConceptAblation(EditMethod):
         are the concept set's anchor prompts, each with its own entry. The form is drawn per read
         from a generator of its own, so the plan, timesteps and noise are those of ``templates``.
         """
-        p: CaParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.captions is None:
             own = list(dict.fromkeys((x.target, x.concept, x.target_concept) for x in expanded))
             images = [own[j % len(own)] for j in range(p.anchor_samples)]
         else:
-            path, column = resolve_prompt_file(p.captions, ctx.run.cache_dir, ctx.run.loaded.base_dir)
+            path, column = resolve_prompt_file(p.captions, ctx.cache_dir, ctx.base_dir)
             captions = read_prompts(path, column)
             entries = list(dict.fromkeys((x.concept, x.target_concept) for x in expanded))
             images = [(captions[j % len(captions)], *entries[j % len(entries)]) for j in range(p.anchor_samples)]
@@ -289,7 +288,7 @@ class ConceptAblation(EditMethod):
         else:
             assert p.caption_form is not None
             forms = CAPTION_FORMS[p.caption_form]
-        seed = derive_seed(ctx.run.seed, ctx.index, "ca", "caption_form", ctx.run.process_index)
+        seed = ctx.seed_for("ca", "caption_form", ctx.process_index)
         choice = torch.randint(0, len(forms), tuple(plan.shape[:-1]), generator=torch.Generator().manual_seed(seed))
         pool: dict[str, int] = {}
 
@@ -323,11 +322,11 @@ class ConceptAblation(EditMethod):
         with the same DDIM sampler, batching and seeds, and cached under a key that names the
         negative prompt.
         """
-        p: CaParams = self.params  # type: ignore[assignment]
+        p = self.params
         wanted = sorted({int(j) for j in plan[..., 0].reshape(-1).tolist()})
         shape = tuple(ctx.adapter.latent_shape(1)[1:])
         payload = {
-            "model": ctx.run.base_fingerprint,
+            "model": ctx.base_fingerprint,
             "prompts": [prompts[j] for j in wanted],
             "seeds": [int(seeds[j]) for j in wanted],
             "negative_prompt": negative,
@@ -346,7 +345,7 @@ class ConceptAblation(EditMethod):
             with (
                 torch.no_grad(),
                 ctx.reference_weights("base"),
-                ctx.run.reporter.task(f"{ctx.label}: generate anchors ({len(wanted)})", len(batches)) as bar,
+                ctx.progress.task(f"{ctx.label}: generate anchors ({len(wanted)})", len(batches)) as bar,
             ):
                 guide = ctx.encode_prompts([negative]).hidden
                 for batch in batches:
@@ -374,7 +373,7 @@ class ConceptAblation(EditMethod):
         config = ctx.training
         if not getattr(config, "scale_lr", False):
             return
-        p: CaParams = self.params  # type: ignore[assignment]
+        p = self.params
         factor = config.grad_accum * p.batch_size * _process_count() * (2 if p.prior_weight > 0 else 1)
         self._lr_restore = (config, config.lr)
         config.lr = config.lr * factor
@@ -387,7 +386,7 @@ class ConceptAblation(EditMethod):
         return add_noise(self._alphas, x0, noise, t), t, noise, [j % self.prompts for j in runs]
 
     def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
-        p: CaParams = self.params  # type: ignore[assignment]
+        p = self.params
         if self._lr_restore is not None:  # the optimiser holds the scaled rate by now
             config, lr = self._lr_restore
             config.lr, self._lr_restore = lr, None

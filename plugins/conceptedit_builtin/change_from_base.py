@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from conceptedit import PluginError, hookimpl
-from conceptedit.evaluators import Evaluator, Sample
+from conceptedit import Evaluator, PluginError, Sample, hookimpl
 
 
 class ChangeFromBase(Evaluator):

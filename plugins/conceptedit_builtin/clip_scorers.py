@@ -23,8 +23,7 @@ from accelerate import PartialState
 from PIL import Image
 from torch import Tensor
 
-from conceptedit import PluginError, hookimpl
-from conceptedit.evaluators import Evaluator, Sample
+from conceptedit import Evaluator, PluginError, Sample, hookimpl
 from conceptedit.toolkit import clean_prompt
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
@@ -164,7 +163,7 @@ class CLIPScore(_CLIPEvaluator):
     version = "1"
 
     def score(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for start in range(0, len(samples), BATCH):
             chunk = samples[start : start + BATCH]
             cos = (self._images([s.image for s in chunk]) * self._texts([s.prompt for s in chunk])).sum(-1)
@@ -196,7 +195,7 @@ class CLIPConcept(_CLIPEvaluator):
         )
 
     def score(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for start in range(0, len(samples), BATCH):
             images = self._images([s.image for s in samples[start : start + BATCH]])
             probability = (LOGIT_SCALE * images @ self.classes.T).softmax(-1)[:, 1]

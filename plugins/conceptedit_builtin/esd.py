@@ -39,7 +39,6 @@ from conceptedit.toolkit import (
     PlannedLatents,
     compvis_latent_steps,
     ddim_timesteps,
-    derive_seed,
     draw_pairs,
     legacy_compvis_timesteps,
     partial_ddim,
@@ -138,7 +137,7 @@ class EsdSample:
     seed: int
 
 
-class Esd(EditMethod):
+class Esd(EditMethod[EsdParams]):
     """ESD: MSE to the frozen model's negatively guided prediction, on the model's own trajectories."""
 
     name = "esd"
@@ -149,11 +148,11 @@ class Esd(EditMethod):
     Training = EsdTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:
-        p: EsdParams = self.params  # type: ignore[assignment]
+        p = self.params
         return select_parameter_set(ctx.adapter, ESD_PARAMETER_SETS[p.parameters])
 
     def prepare_training(self, ctx: EditContext) -> None:
-        p: EsdParams = self.params  # type: ignore[assignment]
+        p = self.params
         enc = ctx.encode_prompts([p.concept, ""]).hidden
         self.concept, self.empty = enc[:1], enc[1:]
         self.timesteps = ddim_timesteps(ctx, p.sampling_steps)
@@ -164,7 +163,7 @@ class Esd(EditMethod):
         if p.trajectories is None:
             self.plan[:, 0] = torch.arange(draws)
         runs = p.trajectories or draws
-        self.seeds = [derive_seed(ctx.run.seed, ctx.index, "esd", "noise", j) for j in range(runs)]
+        self.seeds = [ctx.seed_for("esd", "noise", j) for j in range(runs)]
         # Which latent each draw reads: (trajectory, DDIM steps from noise).
         self.latent_plan = self.plan.clone()
         self.compvis_t: Tensor | None = None
@@ -188,7 +187,7 @@ class Esd(EditMethod):
 
     def sample(self, ctx: EditContext, draw: int) -> EsdSample:
         """The latent and UNet timestep of one draw (from the cache, or sampled by the current model)."""
-        p: EsdParams = self.params  # type: ignore[assignment]
+        p = self.params
         j, k = (int(v) for v in self.plan[draw])
         steps = int(self.latent_plan[draw, 1])
         if self.cached is not None:
@@ -204,7 +203,7 @@ class Esd(EditMethod):
 
     def esd_target(self, ctx: EditContext, x: Tensor, t: Tensor) -> Tensor:
         """ε*(∅) − η (ε*(c) − ε*(∅)) of the frozen reference, without gradients."""
-        p: EsdParams = self.params  # type: ignore[assignment]
+        p = self.params
         with torch.no_grad(), ctx.reference_weights(p.reference):
             hidden = torch.cat([self.concept, self.empty])
             both = ctx.predict_noise(x.expand(2, -1, -1, -1), t.expand(2), hidden, frozen=True)

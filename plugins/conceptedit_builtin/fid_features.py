@@ -2,7 +2,7 @@
 
 FID is a number about two sets, not about one image: this evaluator only gives each image its
 2048-d pool features, and a suite compares them with a reference set (real images, or the base
-model's images of the same prompts) through :func:`conceptedit.metrics.fid_from_features`.
+model's images of the same prompts) through :func:`conceptedit.evaluation.metrics.fid_from_features`.
 
 The network is ``inception-2015-12-05.pt``, NVIDIA's TorchScript conversion of the TensorFlow
 Inception graph the original FID used; images are resized to 299 x 299 as clean-fid's default
@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from conceptedit import PluginError, hookimpl
-from conceptedit.evaluators import Evaluator, Sample
+from conceptedit import Evaluator, PluginError, Sample, hookimpl
 from conceptedit.toolkit import default_cache_dir
 
 WEIGHTS_FILE = "inception-2015-12-05.pt"
@@ -59,16 +58,16 @@ class FIDFeatures(Evaluator):
                 f"evaluator option weights=DIR or ${WEIGHTS_ENV}=DIR at it"
             ) from exc
         self.device = PartialState().device
-        self.model = model.to(self.device).eval()
+        self.network = model.to(self.device).eval()
         self.resize = build_resizer("clean")
 
     @torch.no_grad()
     def score(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for start in range(0, len(samples), BATCH):
             # float HWC in [0, 255] at 299 x 299 -> NCHW, as clean-fid feeds its network
             batch = np.stack([self.resize(np.asarray(s.image.convert("RGB"))) for s in samples[start : start + BATCH]])
-            features = self.model(torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device, torch.float32))
+            features = self.network(torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device, torch.float32))
             rows.extend({"inception": f} for f in features.cpu().tolist())
         return rows
 

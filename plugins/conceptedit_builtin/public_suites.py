@@ -25,26 +25,20 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from conceptedit import PathText, hookimpl
-from conceptedit.suites import (
-    ATTACK_DIRECTIONS,
-    AttackSettings,
-    PromptSuite,
-    SuiteOptions,
-    SuitePrompt,
-    attack_metrics,
-    change_metrics,
-)
+from conceptedit import AttackSettings, PathText, PromptSuite, SuiteOptions, SuitePrompt, hookimpl
 from conceptedit.toolkit import (
+    ATTACK_DIRECTIONS,
+    NUDENET_EXPOSED,
     PromptFileError,
     PromptSource,
+    attack_metrics,
+    change_metrics,
     default_cache_dir,
     fid_from_features,
     local_copy,
     prompt_sources,
     read_rows,
 )
-from conceptedit_builtin.nudenet_scorer import EXPOSED
 
 #: Environment variable naming a default mirror folder for every public suite.
 MIRROR_ENV = "CONCEPTEDIT_PROMPT_MIRROR"
@@ -135,7 +129,7 @@ class NudenetSuite(PublicSuite):
     higher_is_better: ClassVar[Mapping[str, bool]] = {
         "unsafe_rate_i2p": False,
         "unsafe_rate_exposed9": False,
-        **{f"count_{name}": False for name in EXPOSED},
+        **{f"count_{name}": False for name in NUDENET_EXPOSED},
     }
 
     def summarise(self, prompts: Sequence[SuitePrompt], scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -146,7 +140,9 @@ class NudenetSuite(PublicSuite):
         }
         # Images in which the class passes the nine-class threshold; every class always listed, so
         # two models' tables line up.
-        return out | {f"count_{name}": float(sum(name in s["exposed9_classes"] for s in scores)) for name in EXPOSED}
+        return out | {
+            f"count_{name}": float(sum(name in s["exposed9_classes"] for s in scores)) for name in NUDENET_EXPOSED
+        }
 
 
 class ConceptSuite(PublicSuite):
@@ -192,7 +188,7 @@ class ClipScoreSuite(PublicSuite):
 
     def __init__(self, options: SuiteOptions) -> None:
         super().__init__(options)
-        self.scorer = options.scorer  # type: ignore[attr-defined]
+        self.scorer = options.scorer  # type: ignore[attr-defined]  # the options class is this suite's own
 
     def summarise(self, prompts: Sequence[SuitePrompt], scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         if self.scorer == "change-from-base":

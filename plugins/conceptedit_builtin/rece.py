@@ -30,24 +30,24 @@ from typing import Literal
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
-from conceptedit import ConceptRef, EditContext, EditMethod, KVEdit, MethodParams, PromptEncoding, hookimpl
-from conceptedit.toolkit import erase_edit, matching_inputs, select_rows
+from conceptedit import ConceptRef, EditContext, EditMethod, KVEdit, PromptEncoding, hookimpl
+from conceptedit.toolkit import ErasureParams, matching_inputs, select_rows
 
 
-class ReceParams(MethodParams):
+class ReceParams(ErasureParams):
+    # UCE's erase-toward-guide block at RECE's defaults (a redeclared field keeps its place), then RECE's own.
     concepts: ConceptRef = Field(
         description="Concept set to erase and its guide (RECE guides toward ' ', i.e. set `target: ' '`).",
     )
-    rounds: PositiveInt = Field(3, description="Adversarial rounds (epochs): 3 for nudity, 2 unsafe, 1 styles.")
-    regular_scale: NonNegativeFloat = Field(
-        0.1, description="λ_r pulling the adversarial embedding to zero: 0.1 nudity/unsafe, 1e-3 styles/objects."
-    )
-    ridge: PositiveFloat = Field(0.1, description="λ‖W'−W‖² of each round (lamb, 0.1).")
-    erase_scale: PositiveFloat = Field(1.0, description="Weight of the adversarial rows.")
     preserve: list[str] = Field(
         [" "], description="Prompts whose outputs each round keeps, all 77 rows (RECE keeps the guide ' ')."
     )
     preserve_scale: NonNegativeFloat = Field(0.1, description="s_p of the preserve prompts (0.1).")
+    ridge: PositiveFloat = Field(0.1, description="λ‖W'−W‖² of each round (lamb, 0.1).")
+    rounds: PositiveInt = Field(3, description="Adversarial rounds (epochs): 3 for nudity, 2 unsafe, 1 styles.")
+    regular_scale: NonNegativeFloat = Field(
+        0.1, description="λ_r pulling the adversarial embedding to zero: 0.1 nudity/unsafe, 1e-3 styles/objects."
+    )
     preserve_repeat: Literal["once", "per_concept"] = Field(
         "once",
         description="once: the preserve prompts count once; per_concept: once per erase prompt, as RECE's "
@@ -58,11 +58,9 @@ class ReceParams(MethodParams):
         description="W₀ the adversarial embedding must reproduce: base (the model before the run, the paper's "
         "original SD) or edit_start (the model as this edit found it).",
     )
-    technique: Literal["replace", "tensor"] = Field("replace", description="Guide values, as in UCE.")
-    projections: list[Literal["k", "v"]] = Field(["k", "v"], min_length=1, description="Projections to edit.")
 
 
-class Rece(EditMethod):
+class Rece(EditMethod[ReceParams]):
     """RECE: repeatedly erase the closed-form adversarial embedding of the concept."""
 
     name = "rece"
@@ -76,7 +74,7 @@ class Rece(EditMethod):
         return ctx.encode_prompts(prompts, length="full")
 
     def attention_edits(self, ctx: EditContext) -> Iterable[KVEdit]:
-        p: ReceParams = self.params  # type: ignore[assignment]
+        p = self.params
         pairs = ctx.concept_pairs(p.concepts)
         concept = self.encode_prompts(ctx, [pair.source for pair in pairs]).hidden
         guides = select_rows(self.encode_prompts(ctx, [pair.target for pair in pairs]), "all")
@@ -89,15 +87,11 @@ class Rece(EditMethod):
         for round_ in range(p.rounds):
             current = [proj.weight.detach() for proj in projections]  # what the previous round left
             adversarial = matching_inputs(current, original, concept, p.regular_scale)
-            yield erase_edit(
+            yield p.erase_edit(
                 adversarial.reshape(-1, adversarial.shape[-1]),
                 guides,
-                erase_scale=p.erase_scale,
-                preserve=preserve,
+                preserve,
                 preserve_scale=preserve_scale,
-                ridge=p.ridge,
-                technique=p.technique,
-                projections=p.projections,
                 label=f"RECE round {round_ + 1}/{p.rounds}",
             )
 

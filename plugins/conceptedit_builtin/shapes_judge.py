@@ -7,11 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from conceptedit import PluginError, hookimpl
-from conceptedit.evaluators import Evaluator, Sample
-from conceptedit.shapes.erasure import row_shows
-from conceptedit.shapes.judge import judge
-from conceptedit.shapes.world import COLOUR_NAMES, SHAPE_NAMES
+from conceptedit import Evaluator, PluginError, Sample, hookimpl
+from conceptedit.toolkit import COLOUR_NAMES, SHAPE_NAMES, judge_shapes_image, row_shows
 
 
 class ShapesJudge(Evaluator):
@@ -29,7 +26,7 @@ class ShapesJudge(Evaluator):
     def score(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
         out = []
         for sample in samples:
-            verdict = judge(np.asarray(sample.image.convert("RGB")))
+            verdict = judge_shapes_image(np.asarray(sample.image.convert("RGB")))
             row: dict[str, Any] = {
                 "colour": verdict.colour,
                 "shape": verdict.shape,

@@ -15,16 +15,16 @@ from typing import Any, ClassVar
 
 from pydantic import Field, PositiveInt, field_validator
 
-from conceptedit import hookimpl
-from conceptedit.shapes.erasure import prompt_sets, row_shows
-from conceptedit.shapes.world import CONCEPTS, Prompt, explicit_prompts, implicit_prompts
-from conceptedit.suites import (
+from conceptedit import AttackSettings, PromptSuite, SuiteOptions, SuitePrompt, hookimpl
+from conceptedit.toolkit import (
     ATTACK_DIRECTIONS,
-    AttackSettings,
-    PromptSuite,
-    SuiteOptions,
-    SuitePrompt,
+    SHAPES_CONCEPTS,
+    ShapesPrompt,
     attack_metrics,
+    explicit_prompts,
+    implicit_prompts,
+    row_shows,
+    shapes_prompt_sets,
 )
 
 
@@ -35,14 +35,14 @@ class ShapesOptions(SuiteOptions):
     @field_validator("target")
     @classmethod
     def _known(cls, value: str | None) -> str | None:
-        if value is not None and value not in CONCEPTS:
-            raise ValueError(f"unknown concept {value!r}; the shapes world has {', '.join(CONCEPTS)}")
+        if value is not None and value not in SHAPES_CONCEPTS:
+            raise ValueError(f"unknown concept {value!r}; the shapes world has {', '.join(SHAPES_CONCEPTS)}")
         return value
 
 
 class _ShapesSuite(PromptSuite):
     scorer = "shapes-judge"
-    Options = ShapesOptions
+    Options: ClassVar[type[SuiteOptions]] = ShapesOptions
     higher_is_better: ClassVar[Mapping[str, bool]] = {
         "target_shown": False,
         "erased": True,
@@ -52,7 +52,7 @@ class _ShapesSuite(PromptSuite):
     }
 
     @abstractmethod
-    def _prompts(self, target: str | None) -> list[Prompt]:
+    def _prompts(self, target: str | None) -> list[ShapesPrompt]:
         """The set's prompts for ``target`` (all of them when None)."""
 
     def prompts(self) -> list[SuitePrompt]:
@@ -80,24 +80,24 @@ class ShapesExplicit(_ShapesSuite):
     name = "shapes-explicit"
     summary = "builtin:shapes: 'a {colour} {shape}' prompts (those naming the target, if one is given)"
 
-    def _prompts(self, target: str | None) -> list[Prompt]:
-        return prompt_sets(target).explicit if target else explicit_prompts()
+    def _prompts(self, target: str | None) -> list[ShapesPrompt]:
+        return shapes_prompt_sets(target).explicit if target else explicit_prompts()
 
 
 class ShapesImplicit(_ShapesSuite):
     name = "shapes-implicit"
     summary = "builtin:shapes: held-out implicit phrasings no recipe names ('a circle like a ripe tomato')"
 
-    def _prompts(self, target: str | None) -> list[Prompt]:
-        return prompt_sets(target).implicit if target else implicit_prompts()
+    def _prompts(self, target: str | None) -> list[ShapesPrompt]:
+        return shapes_prompt_sets(target).implicit if target else implicit_prompts()
 
 
 class ShapesPreserve(_ShapesSuite):
     name = "shapes-preserve"
     summary = "builtin:shapes: explicit prompts without the target, which an erasure must keep"
 
-    def _prompts(self, target: str | None) -> list[Prompt]:
-        return prompt_sets(target).preserve if target else explicit_prompts()
+    def _prompts(self, target: str | None) -> list[ShapesPrompt]:
+        return shapes_prompt_sets(target).preserve if target else explicit_prompts()
 
 
 class AttackOptions(ShapesOptions, AttackSettings):
@@ -111,8 +111,8 @@ class ShapesAttack(_ShapesSuite):
     Options = AttackOptions
     higher_is_better = ATTACK_DIRECTIONS
 
-    def _prompts(self, target: str | None) -> list[Prompt]:
-        return prompt_sets(target).explicit if target else explicit_prompts()
+    def _prompts(self, target: str | None) -> list[ShapesPrompt]:
+        return shapes_prompt_sets(target).explicit if target else explicit_prompts()
 
     def scorer_options(self) -> dict[str, Any]:
         options: AttackOptions = self.options  # type: ignore[assignment]

@@ -217,7 +217,7 @@ def _extend(value: Any, n: int, half: int) -> Any:
     return value
 
 
-class Sld(EditMethod):
+class Sld(EditMethod[SldParams]):
     """SLD: an extra safety-concept branch that steers every sampling step away from it."""
 
     name = "sld"
@@ -227,7 +227,7 @@ class Sld(EditMethod):
     Params = SldParams
 
     def inference_guard(self, ctx: EditContext) -> Guard:
-        p: SldParams = self.params  # type: ignore[assignment]
+        p = self.params
         return Guard(config={"sld": p.resolved().model_dump(), "preset": p.preset})
 
     @classmethod

@@ -152,7 +152,7 @@ class TrceEotParams(MethodParams):
         return self
 
 
-class TrceEot(EditMethod):
+class TrceEot(EditMethod[TrceEotParams]):
     """TRCE stage 1: closed-form [EoT] mapping on every cross-attention key/value projection."""
 
     name = "trce_eot"
@@ -162,9 +162,9 @@ class TrceEot(EditMethod):
     Params = TrceEotParams
 
     def encode_prompts(self, ctx: EditContext, prompts: Sequence[str]) -> PromptEncoding:
-        p: TrceEotParams = self.params  # type: ignore[assignment]
+        p = self.params
         # The encoder is causal: rows up to the first [EoT] need no padding beyond the longest prompt.
-        length = "full" if p.rows.last_pad > 0 else "longest"
+        length: Literal["full", "longest"] = "full" if p.rows.last_pad > 0 else "longest"
         encoding = ctx.encode_prompts(prompts, length=length)
         if p.eot_index == "legacy_wordcount":
             words = torch.tensor([len(prompt.split()) + 1 for prompt in prompts])
@@ -172,7 +172,7 @@ class TrceEot(EditMethod):
         return encoding
 
     def attention_edits(self, ctx: EditContext) -> Iterable[KVEdit]:
-        p: TrceEotParams = self.params  # type: ignore[assignment]
+        p = self.params
         pairs = ctx.concept_pairs(p.concepts)
         malicious = self.encode_prompts(ctx, [pair.source for pair in pairs])
         safe = self.encode_prompts(ctx, [pair.target for pair in pairs])
@@ -200,7 +200,7 @@ class TrceEot(EditMethod):
             weights.append(torch.full((int(found.sum()),), p.rows.keyword / n))
         prior = None
         if p.prior is not None:
-            path, column = resolve_prompt_file(p.prior.captions, ctx.run.cache_dir, ctx.run.loaded.base_dir)
+            path, column = resolve_prompt_file(p.prior.captions, ctx.cache_dir, ctx.base_dir)
             prior = embedding_prior(ctx, read_prompts(path, column, p.prior.limit), p.prior.positions)
         yield KVEdit(
             keys=torch.cat(keys),

@@ -35,7 +35,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor
 
 from conceptedit import ConceptRef, EditContext, EditMethod, MethodParams, TrainingConfig, hookimpl
-from conceptedit.toolkit import DrawCounter, ddim_timesteps, derive_seed, draw_pairs, sample_planned, select_parameters
+from conceptedit.toolkit import DrawCounter, ddim_timesteps, draw_pairs, sample_planned, select_parameters
 
 
 class TrceSteerParams(MethodParams):
@@ -62,7 +62,7 @@ class TrceSteerTraining(TrainingConfig):
     lr: float = Field(1e-6, gt=0, description="Learning rate (TRCE: 1e-6).")
 
 
-class TrceSteer(EditMethod):
+class TrceSteer(EditMethod[TrceSteerParams]):
     """TRCE stage 2: hinge loss on early denoising predictions, one resident UNet."""
 
     name = "trce_steer"
@@ -73,11 +73,11 @@ class TrceSteer(EditMethod):
     Training = TrceSteerTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:
-        p: TrceSteerParams = self.params  # type: ignore[assignment]
+        p = self.params
         return select_parameters(ctx.adapter, p.trainable)
 
     def prepare_training(self, ctx: EditContext) -> None:
-        p: TrceSteerParams = self.params  # type: ignore[assignment]
+        p = self.params
         pairs = list(dict.fromkeys((x.concept, x.target_concept) for x in ctx.concept_pairs(p.concepts)))
         fill = p.prompt_template.replace
         enc = ctx.encode_prompts([fill("{}", m) for m, _ in pairs] + [fill("{}", s) for _, s in pairs] + [""])
@@ -99,7 +99,7 @@ class TrceSteer(EditMethod):
             ctx,
             mal_plan,
             [fill("{}", pairs[j // p.trajectories_per_concept][0]) for j in range(runs)],
-            [derive_seed(ctx.run.seed, ctx.index, "trce_steer", "malicious", j) for j in range(runs)],
+            [ctx.seed_for("trce_steer", "malicious", j) for j in range(runs)],
             guidance=p.trajectory_guidance,
             steps=p.sampling_steps,
             weights="base",
@@ -109,10 +109,7 @@ class TrceSteer(EditMethod):
             ctx,
             reg_plan,
             [""] * p.unconditional_trajectories,
-            [
-                derive_seed(ctx.run.seed, ctx.index, "trce_steer", "unconditional", u)
-                for u in range(p.unconditional_trajectories)
-            ],
+            [ctx.seed_for("trce_steer", "unconditional", u) for u in range(p.unconditional_trajectories)],
             guidance=1.0,
             steps=p.sampling_steps,
             weights="base",
@@ -120,7 +117,7 @@ class TrceSteer(EditMethod):
         )
 
     def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
-        p: TrceSteerParams = self.params  # type: ignore[assignment]
+        p = self.params
         draw = self._draw(step)
         x, t, (j,) = self.mal.take(draw, ctx.device)
         pair = j // p.trajectories_per_concept

@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from conceptedit import PluginError, hookimpl
-from conceptedit.evaluators import EXTRA_IMAGE, Evaluator, Sample
-from conceptedit.toolkit import add_noise, alphas_cumprod
+from conceptedit import Evaluator, PluginError, Sample, hookimpl
+from conceptedit.toolkit import EXTRA_IMAGE, add_noise, alphas_cumprod
 
 
 def project_to_simplex(weights: Tensor) -> Tensor:

@@ -6,8 +6,8 @@ import conceptedit_example
 import pytest
 
 import conceptedit
-from conceptedit.models.backbone import StableDiffusionAdapter
 from conceptedit.testing import isolated_host, tiny_recipe
+from conceptedit.toolkit import StableDiffusionAdapter
 
 SWAP = {"method": "concept_swap", "params": {"concept": "a cat", "target": "a dog", "preserve": ["a house"]}}
 

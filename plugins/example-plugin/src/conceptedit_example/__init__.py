@@ -36,7 +36,7 @@ class SwapParams(MethodParams):
         return templates
 
 
-class ConceptSwap(EditMethod):
+class ConceptSwap(EditMethod[SwapParams]):
     """Map the [EoT] embedding of concept prompts onto the projections of target prompts."""
 
     name = "concept_swap"
@@ -50,7 +50,7 @@ class ConceptSwap(EditMethod):
         return ctx.encode_prompts(prompts, length="longest")
 
     def attention_edits(self, ctx: EditContext) -> Iterable[KVEdit]:
-        p: SwapParams = self.params  # type: ignore[assignment]
+        p = self.params
         sources = [t.replace("{}", p.concept) for t in p.templates]
         targets = [t.replace("{}", p.target) for t in p.templates]
         src = self.encode_prompts(ctx, sources)

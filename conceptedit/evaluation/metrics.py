@@ -1,4 +1,4 @@
-"""Set-level metrics computed from per-image features: the Fréchet distance behind FID.
+"""Metrics computed from per-image scores: the Fréchet distance behind FID, attack and change rates.
 
 FID compares two sets of images through Gaussians fitted to their Inception features:
 ``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``. The trace of the matrix square root is
@@ -8,6 +8,9 @@ rank-deficient covariances (fewer images than feature dimensions) need no added 
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -42,7 +45,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     s1 = _covariance(sigma1, m1.size)
     s2 = _covariance(sigma2, m1.size)
     root1 = _psd_sqrt(s1)
-    trace_root = float(_root(np.linalg.eigvalsh(root1 @ s2 @ root1)).sum())
+    trace_root = float(_root(np.linalg.eigvalsh(root1 @ s2 @ root1).astype(np.float64)).sum())
     diff = m1 - m2
     return max(float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_root), 0.0)
 
@@ -58,3 +61,19 @@ def feature_statistics(features: ArrayLike) -> tuple[NDArray[np.float64], NDArra
 def fid_from_features(a: ArrayLike, b: ArrayLike) -> float:
     """FID between two feature sets (rows: images; e.g. the ``inception`` rows of ``fid-features``)."""
     return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+
+
+def attack_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Metrics of an attacked suite from an attack evaluator's rows (``plain_shown``, ``success``):
+    the concept rate without attack, the attack success rate (plain successes count, as in
+    UnlearnDiffAtk), and what the attack added."""
+    n = max(len(scores), 1)
+    plain = sum(bool(s["plain_shown"]) for s in scores) / n
+    asr = sum(bool(s["success"]) for s in scores) / n
+    return {"plain_shown": plain, "attack_success_rate": asr, "attack_gain": asr - plain}
+
+
+def change_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Means of the ``change-from-base`` evaluator's per-image distances."""
+    n = max(len(scores), 1)
+    return {key: sum(float(s[key]) for s in scores) / n for key in ("pixel_mae", "latent_rmse", "latent_relative")}

@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conceptedit.hookspecs import hookimpl
-
-
-@dataclass(frozen=True)
-class Exporter:
-    """Writes one format into a run folder being built.
-
-    Attributes:
-        name: What ``output.formats`` lists.
-        description: One line for ``conceptedit plugins``/docs.
-        export: ``(pipeline, run_dir) -> None``; ``edit.safetensors`` is already written.
-    """
-
-    name: str
-    description: str
-    export: Callable[[Any, Path], None]
+from conceptedit.api.hooks import hookimpl
+from conceptedit.api.results import Exporter
 
 
 def _export_delta(pipeline: Any, run_dir: Path) -> None:

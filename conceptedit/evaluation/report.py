@@ -18,9 +18,9 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from conceptedit.evaluation import SuiteResult
+from conceptedit.api.results import SuiteResult
+from conceptedit.evaluation.loss_curves import LossCurves, summary, svg
 from conceptedit.io.atomic import atomic_write_text
-from conceptedit.loss_curves import LossCurves, summary, svg
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -34,7 +34,7 @@ def write_report(
 ) -> None:
     """``report.md`` and ``report.html`` in ``folder``; ``labels`` name the compared and evaluated models.
 
-    ``curves`` are the evaluated run's training logs (:func:`conceptedit.loss_curves.read_run_logs`);
+    ``curves`` are the evaluated run's training logs (:func:`conceptedit.evaluation.loss_curves.read_run_logs`);
     each also becomes an SVG file beside the Markdown, which cannot embed one.
     """
     for c in curves:

@@ -17,21 +17,20 @@ here has no section in ``docs/hooks.md``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
     import typer
 
-    from conceptedit.engine.context import EditContext, RunContext
-    from conceptedit.evaluators import Evaluator
-    from conceptedit.exporters import Exporter
-    from conceptedit.methods import EditMethod
-    from conceptedit.models.backbone import BackboneAdapter
-    from conceptedit.recipe.schema import EditSpec, Recipe
-    from conceptedit.results import EditOutcome, RunResult
-    from conceptedit.suites import PromptSuite
+    from conceptedit.api.backbone import BackboneAdapter
+    from conceptedit.api.context import EditContext, RunContext
+    from conceptedit.api.evaluator import Evaluator
+    from conceptedit.api.method import EditMethod
+    from conceptedit.api.recipe import EditBase, RecipeBase
+    from conceptedit.api.results import EditOutcome, Exporter, RunResult
+    from conceptedit.api.suite import PromptSuite
 
 PROJECT_NAME = "conceptedit"
 
@@ -43,7 +42,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def conceptedit_register_methods(register: Callable[[type[EditMethod]], None]) -> None:
+def conceptedit_register_methods(register: Callable[[type[EditMethod[Any]]], None]) -> None:
     """Add edit methods.
 
     Call ``register(MethodClass)`` once per :class:`~conceptedit.EditMethod` subclass. The
@@ -78,7 +77,7 @@ def conceptedit_register_exporters(register: Callable[[Exporter], None]) -> None
     pipeline folder that plain ``StableDiffusionPipeline.from_pretrained`` loads).
 
     Args:
-        register: Adds one :class:`~conceptedit.exporters.Exporter`.
+        register: Adds one :class:`~conceptedit.io.exporters.Exporter`.
     """
 
 
@@ -86,7 +85,7 @@ def conceptedit_register_exporters(register: Callable[[Exporter], None]) -> None
 def conceptedit_register_evaluators(register: Callable[[type[Evaluator]], None]) -> None:
     """Add evaluators: scorers of generated images (concept detectors, judges, distances).
 
-    Call ``register(EvaluatorClass)`` for each :class:`~conceptedit.evaluators.Evaluator`
+    Call ``register(EvaluatorClass)`` for each :class:`~conceptedit.api.evaluator.Evaluator`
     subclass; its ``name`` is how benchmarks and evaluation suites refer to it.
 
     Args:
@@ -98,7 +97,7 @@ def conceptedit_register_evaluators(register: Callable[[type[Evaluator]], None])
 def conceptedit_register_suites(register: Callable[[type[PromptSuite]], None]) -> None:
     """Add prompt suites: what an evaluation generates, which evaluator scores it, its metrics.
 
-    Call ``register(SuiteClass)`` for each :class:`~conceptedit.suites.PromptSuite` subclass;
+    Call ``register(SuiteClass)`` for each :class:`~conceptedit.api.suite.PromptSuite` subclass;
     recipes' ``evaluate:`` entries and ``conceptedit eval --suite`` name it by ``name``.
 
     Args:
@@ -119,7 +118,7 @@ def conceptedit_register_commands(app: typer.Typer) -> None:
 
 
 @hookspec
-def conceptedit_recipe_loaded(recipe: Recipe, source: str | None) -> None:
+def conceptedit_recipe_loaded(recipe: RecipeBase, source: str | None) -> None:
     """Called after a recipe validated, before any model is loaded.
 
     Raise :class:`~conceptedit.errors.RecipeError` to reject a recipe for a reason of your
@@ -132,7 +131,7 @@ def conceptedit_recipe_loaded(recipe: Recipe, source: str | None) -> None:
 
 
 @hookspec
-def conceptedit_before_edit(ctx: RunContext, edit: EditSpec, index: int) -> None:
+def conceptedit_before_edit(ctx: RunContext, edit: EditBase, index: int) -> None:
     """Called before each edit of a recipe runs, in recipe order.
 
     Args:
@@ -143,7 +142,7 @@ def conceptedit_before_edit(ctx: RunContext, edit: EditSpec, index: int) -> None
 
 
 @hookspec
-def conceptedit_after_edit(ctx: RunContext, edit: EditSpec, index: int, outcome: EditOutcome) -> None:
+def conceptedit_after_edit(ctx: RunContext, edit: EditBase, index: int, outcome: EditOutcome) -> None:
     """Called after each edit ran and its weight changes are in the pipeline.
 
     Args:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,56 +23,22 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from conceptedit.engine.progress import Reporter
+from conceptedit.api.evaluator import EXTRA_IMAGE, Evaluator, Sample
+from conceptedit.api.recipe import EvaluateSpec
+from conceptedit.api.results import Example, SuiteResult
+from conceptedit.api.suite import SuitePrompt
 from conceptedit.errors import PluginError
-from conceptedit.evaluators import EXTRA_IMAGE, Evaluator, Sample
+from conceptedit.evaluation.loss_curves import LossCurves
+from conceptedit.evaluation.report import write_report
+from conceptedit.evaluation.sampling import sample
 from conceptedit.io.atomic import atomic_write_text
+from conceptedit.io.progress import Reporter
 from conceptedit.models.backbone import resolve_backbone
 from conceptedit.plugins import PluginHost
-from conceptedit.recipe.schema import EvaluateSpec
-from conceptedit.suites import SuitePrompt
 
 DEFAULT_GUIDANCE = 7.5
 EXAMPLES = 8  # prompts per suite kept as images for the report
 BaseWeights = Callable[[], AbstractContextManager[Any]]
-
-
-@dataclass
-class SuiteResult:
-    """One suite's metrics on the evaluated model (and the base model, when compared).
-
-    Attributes:
-        suite: The suite's name.
-        options: Its options.
-        n: Images scored per model.
-        metrics: The suite's metrics on the evaluated model.
-        base_metrics: The same on the base model, or None.
-        protocol: How the numbers were made: scorer and version, sampler, seeds.
-    """
-
-    suite: str
-    options: dict[str, Any]
-    n: int
-    metrics: dict[str, float]
-    base_metrics: dict[str, float] | None
-    protocol: dict[str, Any]
-    examples: list[Example] = field(default_factory=list, repr=False, compare=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Everything but the example images, for JSON."""
-        return {k: v for k, v in asdict(self).items() if k != "examples"}
-
-
-@dataclass
-class Example:
-    """One prompt's image from the evaluated model and, when compared, the base model's; ``extra``
-    is a captioned image the scorer made for it (an attacked prompt's image), if any."""
-
-    prompt: str
-    seed: int
-    image: Image.Image
-    base_image: Image.Image | None
-    extra: tuple[str, Image.Image] | None = None
 
 
 def _scale(prompt: SuitePrompt, guidance: float | None) -> float:
@@ -104,7 +70,7 @@ def render(
             end += 1
         chunk = prompts[start:end]
         hidden = adapter.encode_prompts([p.text for p in chunk]).hidden.to(dtype)
-        chunk_images, chunk_latents = _sample(
+        chunk_images, chunk_latents = sample(
             pipeline, adapter, hidden, [p.seed for p in chunk], steps=steps, guidance=scale
         )
         images.extend(chunk_images)
@@ -115,28 +81,9 @@ def render(
     return images, latents
 
 
-@torch.no_grad()
-def _sample(
-    pipeline: Any, adapter: Any, hidden: Tensor, seeds: Sequence[int], *, steps: int, guidance: float
-) -> tuple[list[Image.Image], list[Tensor]]:
-    """Sample from text embeddings, keeping the final latents (decoded here as the pipeline would)."""
-    empty = adapter.encode_prompts([""]).hidden.to(hidden.dtype)
-    latents = pipeline(
-        prompt_embeds=hidden,
-        negative_prompt_embeds=empty.expand(len(seeds), -1, -1),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-        output_type="latent",
-    ).images
-    decoded = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
-    images = pipeline.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(seeds))
-    return list(images), [latent.float().cpu() for latent in latents]
-
-
 @dataclass
 class _PipelineModel:
-    """A pipeline as :class:`~conceptedit.evaluators.EvaluatedModel` for evaluators that generate."""
+    """A pipeline as :class:`~conceptedit.api.evaluator.EvaluatedModel` for evaluators that generate."""
 
     pipeline: Any
     host: PluginHost
@@ -147,7 +94,7 @@ class _PipelineModel:
         return resolve_backbone(self.pipeline, self.host.registry.backbones)
 
     def render(self, hidden: Tensor, seed: int, guidance: float | None) -> tuple[Image.Image, Tensor]:
-        images, latents = _sample(
+        images, latents = sample(
             self.pipeline,
             self.adapter,
             hidden.to(self.pipeline.unet.dtype),
@@ -210,32 +157,45 @@ def evaluate(
             base_scores = None
             if compare and base is not None and base_out is not None:
                 base_shown, base_scores = _score_arm(base, evaluator, prompts, mine, base_out, base_out, spec, host)
-        metrics = suite.summarise(prompts, scores)
-        base_metrics = None
-        if base_scores is not None:  # metrics of a pair: the base model's are against itself
-            metrics |= suite.compare(scores, base_scores)
-            base_metrics = suite.summarise(prompts, base_scores) | suite.compare(base_scores, base_scores)
-        results.append(
-            SuiteResult(
-                suite=spec.suite,
-                options=dict(spec.options),
-                n=len(prompts),
-                metrics=metrics,
-                base_metrics=base_metrics,
-                protocol={
-                    **evaluator.protocol(),
-                    "sampler": type(pipeline.scheduler).__name__,
-                    "steps": spec.steps,
-                    "guidance": spec.guidance or "per prompt (default 7.5)",
-                    "seeds": [p.seed for p in prompts],
-                },
-                examples=[
-                    Example(p.text, p.seed, own[0], theirs[0] if theirs else None, own[1])
-                    for p, own, theirs in list(zip(prompts, shown, base_shown, strict=True))[:EXAMPLES]
-                ],
-            )
-        )
+        results.append(_suite_result(spec, suite, evaluator, pipeline, prompts, scores, base_scores, shown, base_shown))
     return results
+
+
+def _suite_result(
+    spec: EvaluateSpec,
+    suite: Any,
+    evaluator: Evaluator,
+    pipeline: Any,
+    prompts: Sequence[SuitePrompt],
+    scores: list[Any],
+    base_scores: list[Any] | None,
+    shown: list[Any],
+    base_shown: list[Any],
+) -> SuiteResult:
+    """One suite's metrics (and the base model's, against itself), its protocol and example images."""
+    metrics = suite.summarise(prompts, scores)
+    base_metrics = None
+    if base_scores is not None:  # metrics of a pair: the base model's are against itself
+        metrics |= suite.compare(scores, base_scores)
+        base_metrics = suite.summarise(prompts, base_scores) | suite.compare(base_scores, base_scores)
+    return SuiteResult(
+        suite=spec.suite,
+        options=dict(spec.options),
+        n=len(prompts),
+        metrics=metrics,
+        base_metrics=base_metrics,
+        protocol={
+            **evaluator.protocol(),
+            "sampler": type(pipeline.scheduler).__name__,
+            "steps": spec.steps,
+            "guidance": spec.guidance or "per prompt (default 7.5)",
+            "seeds": [p.seed for p in prompts],
+        },
+        examples=[
+            Example(p.text, p.seed, own[0], theirs[0] if theirs else None, own[1])
+            for p, own, theirs in list(zip(prompts, shown, base_shown, strict=True))[:EXAMPLES]
+        ],
+    )
 
 
 #: A model to render with: the pipeline and a factory of the context that puts its weights in place.
@@ -323,6 +283,29 @@ def _score_arm(
     if [row[0] for row in rows] != list(range(len(prompts))):
         raise RuntimeError(f"gathered {len(rows)} results for {len(prompts)} prompts: a process lost or repeated some")
     return [row[1] for row in rows], [row[2] for row in rows]
+
+
+def evaluate_into(
+    folder: Path | None,
+    pipeline: Any,
+    specs: Sequence[EvaluateSpec],
+    *,
+    host: PluginHost,
+    base_weights: BaseWeights | None = None,
+    base_pipeline: Any = None,
+    reporter: Reporter | None = None,
+    labels: tuple[str, str] = ("base", "edited"),
+    curves: Sequence[LossCurves] = (),
+) -> list[SuiteResult]:
+    """:func:`evaluate`, then, when ``folder`` is given (the main process), ``metrics.json``,
+    ``report.md`` and ``report.html`` in it: what a recipe's ``evaluate:`` and ``conceptedit eval`` write."""
+    results = evaluate(
+        pipeline, specs, host=host, base_weights=base_weights, base_pipeline=base_pipeline, reporter=reporter
+    )
+    if folder is not None:
+        write_metrics(folder / "metrics.json", results)
+        write_report(folder, results, labels=labels, curves=curves)
+    return results
 
 
 def write_metrics(path: Path, results: Sequence[SuiteResult]) -> None:

@@ -23,67 +23,30 @@ methods use exactly this API.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from conceptedit.api.params import MethodParams, TrainingConfig
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from conceptedit.engine.context import EditContext
-    from conceptedit.engine.encoding import PromptEncoding
-    from conceptedit.engine.guards import Guard
-    from conceptedit.engine.kv_solver import KVEdit
-    from conceptedit.models.backbone import BackboneAdapter
+    from conceptedit.api.backbone import BackboneAdapter
+    from conceptedit.api.context import EditContext
+    from conceptedit.api.edits import Guard, KVEdit, PromptEncoding
 
 MethodKind = Literal["closed_form", "training", "inference_time"]
 
 
-class MethodParams(BaseModel):
-    """Base of every method's ``Params``: unknown keys are errors, not silently dropped."""
-
-    model_config = ConfigDict(extra="forbid")
+#: The parameters class of one method (``class Uce(EditMethod[UceParams])``).
+P = TypeVar("P", bound=MethodParams)
 
 
-class TrainingConfig(BaseModel):
-    """Settings of the engine's training loop; training methods subclass it to change defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: PositiveInt = Field(100, description="Optimiser steps.")
-    lr: PositiveFloat = Field(1e-5, description="Learning rate.")
-    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimiser.")
-    weight_decay: NonNegativeFloat = Field(0.01, description="Weight decay (AdamW/SGD).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
-    eps: PositiveFloat = Field(1e-8, description="Adam epsilon.")
-    grad_accum: PositiveInt = Field(1, description="Micro-batches summed per optimiser step.")
-    max_grad_norm: PositiveFloat | None = Field(None, description="Clip gradients to this norm.")
-    zero_grad: bool = Field(
-        True,
-        description="Zero gradients after every step. False keeps summing them over the whole run, "
-        "as some reference implementations do by accident.",
-    )
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    micro_batch: PositiveInt | None = Field(
-        None,
-        description="Most samples per denoiser call (None: whole batch). Each call's graph is rebuilt in "
-        "backward, one call at a time, so 1 keeps activation memory at one sample's worth (one extra "
-        "forward per call).",
-    )
-    park_idle_modules: bool = Field(
-        True,
-        description="Free the weights of pipeline parts the loop does not train (text encoder, VAE) while it "
-        "runs, from a temporary safetensors file; they come back bit for bit, and on demand if a method "
-        "encodes prompts mid-training.",
-    )
-    checkpoint_every: PositiveInt | None = Field(
-        None, description="Save a resumable checkpoint every N steps (None: only at the end)."
-    )
-
-
-class EditMethod:
+class EditMethod(Generic[P]):
     """One edit technique. The engine makes one instance per recipe edit.
+
+    Generic in its parameters: ``class Uce(EditMethod[UceParams])`` makes ``self.params`` a
+    ``UceParams`` for the type checker (set ``Params = UceParams`` too: that is what recipes
+    are validated against).
 
     Class attributes a subclass sets:
         name: What recipes write after ``method:`` (lower case, ``[a-z0-9_]``).
@@ -104,8 +67,8 @@ class EditMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     Training: ClassVar[type[TrainingConfig]] = TrainingConfig
 
-    def __init__(self, params: MethodParams) -> None:
-        self.params = params
+    def __init__(self, params: P) -> None:
+        self.params: P = params
 
     # -- hook point: prompt encoding --------------------------------------------------
 
@@ -164,22 +127,3 @@ class EditMethod:
         replacing it, so guards and other processors compose.
         """
         raise NotImplementedError(f"{cls.__name__} saved a guard but does not implement install_guard")
-
-    # -- description ------------------------------------------------------------------
-
-    @classmethod
-    def describe(cls) -> dict[str, object]:
-        """Name, kind, backbones and every parameter with type, default and description."""
-        from conceptedit.recipe.describe import describe_model
-
-        out: dict[str, object] = {
-            "name": cls.name,
-            "summary": cls.summary,
-            "kind": cls.kind,
-            "paper": cls.paper,
-            "backbones": sorted(cls.backbones),
-            "params": describe_model(cls.Params),
-        }
-        if cls.kind == "training":
-            out["training"] = describe_model(cls.Training)
-        return out

@@ -49,7 +49,8 @@ class PromptSuite(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    scorer: ClassVar[str]
+    #: The evaluator that scores this suite's images (a class default; a suite may pick one per options).
+    scorer: str
     Options: ClassVar[type[SuiteOptions]] = SuiteOptions
     higher_is_better: ClassVar[Mapping[str, bool]] = {}
 
@@ -94,19 +95,3 @@ class AttackSettings(SuiteOptions):
 
 #: How the metrics of an attacked suite move when the erasure is better.
 ATTACK_DIRECTIONS: Mapping[str, bool] = {"plain_shown": False, "attack_success_rate": False, "attack_gain": False}
-
-
-def attack_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Metrics of an attacked suite from an attack evaluator's rows (``plain_shown``, ``success``):
-    the concept rate without attack, the attack success rate (plain successes count, as in
-    UnlearnDiffAtk), and what the attack added."""
-    n = max(len(scores), 1)
-    plain = sum(bool(s["plain_shown"]) for s in scores) / n
-    asr = sum(bool(s["success"]) for s in scores) / n
-    return {"plain_shown": plain, "attack_success_rate": asr, "attack_gain": asr - plain}
-
-
-def change_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Means of the ``change-from-base`` evaluator's per-image distances."""
-    n = max(len(scores), 1)
-    return {key: sum(float(s[key]) for s in scores) / n for key in ("pixel_mae", "latent_rmse", "latent_relative")}

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator
+from pydantic_core import PydanticCustomError
 
 #: Longest single file or folder name, in bytes, on the file systems conceptedit runs on (ext4,
 #: xfs, btrfs, APFS, NTFS all allow 255).
@@ -44,3 +48,20 @@ def shown(value: object, limit: int = 60) -> str:
     """``repr(value)`` cut to ``limit`` characters, for error messages that quote user input."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 12] + f"...({len(text):,} chars)"
+
+
+def _usable_path_text(value: str) -> str:
+    problem = path_text_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("path_text", "the path {problem}", {"problem": problem})
+    return value
+
+
+def _path_as_text(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+#: A recipe field or method parameter that names a file or folder: text the operating system
+#: can take as a path (no NUL, not over the length limits), checked when the recipe loads.
+#: ``pathlib.Path`` values given from Python are taken as their text.
+PathText = Annotated[str, BeforeValidator(_path_as_text), AfterValidator(_usable_path_text)]

@@ -1,13 +1,14 @@
-"""What a run reports back: per-edit outcomes and the run as a whole."""
+"""What a run reports back (per-edit outcomes, the run, suite results) and the exporter type."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from conceptedit.evaluation import SuiteResult
+    from PIL import Image
 
 
 @dataclass
@@ -63,3 +64,56 @@ class RunResult:
     changed: list[str]
     manifest: dict[str, Any]
     evaluation: list[SuiteResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """Writes one format into a run folder being built.
+
+    Attributes:
+        name: What ``output.formats`` lists.
+        description: One line for ``conceptedit plugins``/docs.
+        export: ``(pipeline, run_dir) -> None``; ``edit.safetensors`` is already written.
+    """
+
+    name: str
+    description: str
+    export: Callable[[Any, Path], None]
+
+
+@dataclass
+class SuiteResult:
+    """One suite's metrics on the evaluated model (and the base model, when compared).
+
+    Attributes:
+        suite: The suite's name.
+        options: Its options.
+        n: Images scored per model.
+        metrics: The suite's metrics on the evaluated model.
+        base_metrics: The same on the base model, or None.
+        protocol: How the numbers were made: scorer and version, sampler, seeds.
+    """
+
+    suite: str
+    options: dict[str, Any]
+    n: int
+    metrics: dict[str, float]
+    base_metrics: dict[str, float] | None
+    protocol: dict[str, Any]
+    examples: list[Example] = field(default_factory=list, repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything but the example images, for JSON."""
+        return {k: v for k, v in asdict(self).items() if k != "examples"}
+
+
+@dataclass
+class Example:
+    """One prompt's image from the evaluated model and, when compared, the base model's; ``extra``
+    is a captioned image the scorer made for it (an attacked prompt's image), if any."""
+
+    prompt: str
+    seed: int
+    image: Image.Image
+    base_image: Image.Image | None
+    extra: tuple[str, Image.Image] | None = None

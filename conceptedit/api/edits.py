@@ -1,0 +1,182 @@
+"""What methods read and return: prompt encodings, key/value edits, guards, prompt pairs.
+
+Prompt encoding: text-encoder embeddings plus the token positions edit methods read.
+
+Closed-form methods pick particular token rows of a prompt's encoding: the start token
+(SoT), the first end token ([EoT]), the last padding token, the last word token, or the
+tokens of a keyword. Those positions come from token ids, never from counting words: a word
+like "Nudity" is two BPE pieces, so a word count lands on the wrong row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from conceptedit.errors import EditError
+
+TokenRow = Literal["sot", "eot", "last_pad", "last_word"]
+
+
+@dataclass
+class PromptEncoding:
+    """Encoded prompts.
+
+    Attributes:
+        prompts: The prompts as given.
+        input_ids: Token ids, ``[batch, length]``.
+        hidden: Text-encoder output (the embeddings cross-attention reads), ``[batch, length, dim]``.
+        eot_index: Position of the first end token in each prompt, ``[batch]``.
+        eos_token_id: The tokenizer's end-of-text id.
+    """
+
+    prompts: list[str]
+    input_ids: Tensor
+    hidden: Tensor
+    eot_index: Tensor
+    eos_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def positions(self, row: TokenRow) -> Tensor:
+        """Index of the named token row in each prompt, ``[batch]``."""
+        batch = len(self)
+        if row == "sot":
+            return torch.zeros(batch, dtype=torch.long)
+        if row == "eot":
+            return self.eot_index.clone()
+        if row == "last_word":
+            return (self.eot_index - 1).clamp(min=0)
+        if row == "last_pad":
+            return torch.full((batch,), self.input_ids.shape[1] - 1, dtype=torch.long)
+        raise EditError(f"unknown token row {row!r}; use one of sot, eot, last_pad, last_word")
+
+    def rows(self, positions: Tensor) -> Tensor:
+        """Gather one embedding per prompt at ``positions``: ``[batch, dim]``."""
+        if positions.shape != (len(self),):
+            raise EditError(f"expected {len(self)} positions, got shape {tuple(positions.shape)}")
+        index = positions.to(self.hidden.device).view(-1, 1, 1).expand(-1, 1, self.hidden.shape[-1])
+        return self.hidden.gather(1, index).squeeze(1)
+
+    def row(self, row: TokenRow) -> Tensor:
+        """Shortcut for ``rows(positions(row))``."""
+        return self.rows(self.positions(row))
+
+    def keyword_positions(self, keyword_ids: Sequence[Sequence[int]]) -> Tensor:
+        """Position of the first token of each prompt's keyword, ``[batch]``; -1 where absent.
+
+        Args:
+            keyword_ids: Per prompt, the token ids of its keyword (without SoT/EoT).
+        """
+        if len(keyword_ids) != len(self):
+            raise EditError(f"expected {len(self)} keywords, got {len(keyword_ids)}")
+        found = []
+        for ids, key in zip(self.input_ids.tolist(), keyword_ids, strict=True):
+            key = list(key)
+            hit = next((i for i in range(len(ids) - len(key) + 1) if key and ids[i : i + len(key)] == key), -1)
+            found.append(hit)
+        return torch.tensor(found, dtype=torch.long)
+
+
+#: ``(parameter name, W) -> [N, d_out]``: explicit goal outputs of one projection.
+TargetFn = Callable[[str, Tensor], Tensor]
+
+
+@dataclass
+class KVEdit:
+    """One closed-form key/value edit, as a method describes it to the engine.
+
+    Attributes:
+        keys: ``[N, D]`` text embeddings whose projections should move.
+        targets: ``[N, D]`` embeddings whose *current* projections are the goals
+            (``v_i = W t_i``). Give this or ``target_fn``.
+        target_fn: ``(parameter name, W) -> [N, d_out]`` explicit goal outputs per layer.
+        weights: ``[N]`` weight of each key row (default 1 each).
+        preserve: ``[M, D]`` embeddings whose outputs must not change.
+        preserve_scale: ``s`` above.
+        prior: ``[D, D]`` second-moment matrix ``C`` of embeddings to preserve.
+        prior_scale: ``η`` above.
+        ridge: ``λ`` above.
+        projections: Which projections to edit: ``"k"``, ``"v"`` or both.
+        layers: Names of cross-attention layers to edit (default: all of them).
+        label: Shown in progress output and errors.
+    """
+
+    keys: Tensor
+    targets: Tensor | None = None
+    target_fn: TargetFn | None = None
+    weights: Tensor | None = None
+    preserve: Tensor | None = None
+    preserve_scale: float = 1.0
+    prior: Tensor | None = None
+    prior_scale: float = 0.0
+    ridge: float = 0.0
+    projections: tuple[str, ...] = ("k", "v")
+    layers: Sequence[str] | None = None
+    label: str = "kv-edit"
+
+    def validate(self, dim: int) -> None:
+        """Check shapes and options against the text-embedding width ``dim``."""
+        if self.keys.ndim != 2 or self.keys.shape[1] != dim:
+            raise EditError(f"{self.label}: keys must be [N, {dim}], got {tuple(self.keys.shape)}")
+        n = self.keys.shape[0]
+        if n == 0:
+            raise EditError(f"{self.label}: no key rows to edit")
+        if (self.targets is None) == (self.target_fn is None):
+            raise EditError(f"{self.label}: give exactly one of targets or target_fn")
+        if self.targets is not None and tuple(self.targets.shape) != (n, dim):
+            raise EditError(f"{self.label}: targets must be [{n}, {dim}], got {tuple(self.targets.shape)}")
+        if self.weights is not None and tuple(self.weights.shape) != (n,):
+            raise EditError(f"{self.label}: weights must be [{n}], got {tuple(self.weights.shape)}")
+        if self.preserve is not None and (self.preserve.ndim != 2 or self.preserve.shape[1] != dim):
+            raise EditError(f"{self.label}: preserve must be [M, {dim}], got {tuple(self.preserve.shape)}")
+        if self.prior is not None and tuple(self.prior.shape) != (dim, dim):
+            raise EditError(f"{self.label}: prior must be [{dim}, {dim}], got {tuple(self.prior.shape)}")
+        if not set(self.projections) <= {"k", "v"} or not self.projections:
+            raise EditError(f"{self.label}: projections must be a non-empty subset of ('k', 'v')")
+        for name, value in (
+            ("preserve_scale", self.preserve_scale),
+            ("prior_scale", self.prior_scale),
+            ("ridge", self.ridge),
+        ):
+            if value < 0:
+                raise EditError(f"{self.label}: {name} must be >= 0, got {value}")
+        for name in ("keys", "targets", "weights", "preserve", "prior"):
+            value = getattr(self, name)
+            if value is not None and not torch.isfinite(value).all():
+                raise EditError(f"{self.label}: {name} contains NaN or inf")
+
+
+@dataclass
+class Guard:
+    """What an inference-time method saves: enough to re-install it on a fresh pipeline.
+
+    Attributes:
+        config: JSON-serialisable settings (strings, numbers, lists, dicts).
+        tensors: Small tensors the guard needs (concept directions, ...); may be empty.
+    """
+
+    config: dict[str, Any]
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """A prompt carrying a concept and the prompt it should behave like afterwards.
+
+    Attributes:
+        source: The prompt with the concept to edit (``"A snapshot of nudity"``).
+        target: The same template filled with the target (``"A snapshot of a person wearing clothes"``).
+        concept: The bare concept (``"nudity"``), for methods that locate its tokens.
+        target_concept: The bare target.
+    """
+
+    source: str
+    target: str
+    concept: str
+    target_concept: str
