@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer
+from conceptedit.api.concepts import ConceptSource, ConceptSourceOptions
 from conceptedit.api.context import EditContext, RunContext
 from conceptedit.api.edits import Guard, KVEdit, PromptEncoding, PromptPair
 from conceptedit.api.evaluator import EvaluatedModel, Evaluator, Sample
@@ -50,6 +51,8 @@ __all__ = [
     "BackboneError",
     "ConceptEditError",
     "ConceptRef",
+    "ConceptSource",
+    "ConceptSourceOptions",
     "CrossAttentionLayer",
     "EditContext",
     "EditError",

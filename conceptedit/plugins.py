@@ -36,6 +36,7 @@ from conceptedit.errors import PluginError, UnknownMethodError, UnknownSuiteErro
 
 if TYPE_CHECKING:
     from conceptedit.api.backbone import BackboneAdapter
+    from conceptedit.api.concepts import ConceptSource
     from conceptedit.api.evaluator import Evaluator
     from conceptedit.api.method import EditMethod
     from conceptedit.api.results import Exporter
@@ -70,6 +71,7 @@ class Registry:
     exporters: dict[str, Exporter] = field(default_factory=dict)
     evaluators: dict[str, type[Evaluator]] = field(default_factory=dict)
     suites: dict[str, type[PromptSuite]] = field(default_factory=dict)
+    concept_sources: dict[str, type[ConceptSource[Any]]] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
 
 
@@ -263,6 +265,11 @@ class PluginHost:
             entries.append(obj)
         else:
             entries[obj.name] = obj
+        info = self._infos.get(origin)
+        if field_name in PROVIDES_LABELS and info is not None:
+            label = PROVIDES_LABELS[field_name].format(obj.name)
+            if label not in info.provides:
+                info.provides.append(label)
 
     def _add_method(self, reg: Registry, cls: type[EditMethod], origin: str) -> None:
         info = self._infos.get(origin)
@@ -329,6 +336,30 @@ def _check_method(cls: Any, origin: str) -> type[EditMethod]:
     return cls
 
 
+def _check_concept_source(cls: Any, origin: str) -> type[ConceptSource[Any]]:
+    """``cls`` if it is a usable concept source class; a :class:`PluginError` naming the plugin if not."""
+    from pydantic import BaseModel
+
+    from conceptedit.api.concepts import ConceptSource
+
+    if not (isinstance(cls, type) and issubclass(cls, ConceptSource)):
+        raise PluginError(f"plugin {origin!r} registered {cls!r}, which is not a ConceptSource subclass")
+    for attr in ("name", "summary"):
+        if not getattr(cls, attr, None):
+            raise PluginError(f"concept source class {cls.__qualname__} from plugin {origin!r} must set `{attr}`")
+    options = getattr(cls, "Options", None)
+    if not (isinstance(options, type) and issubclass(options, BaseModel)) or "source" in options.model_fields:
+        raise PluginError(
+            f"concept source class {cls.__qualname__} from plugin {origin!r}: `Options` must be a pydantic model "
+            "(a ConceptSourceOptions subclass) without a `source` field"
+        )
+    return cls
+
+
+#: How ``conceptedit plugins`` lists what a plugin registered into these registries (methods
+#: are listed by bare name, see ``_add_method``).
+PROVIDES_LABELS: dict[str, str] = {"concept_sources": "concept source {}"}
+
 #: The registration hooks, collected in this order: (hook, the :class:`Registry` field it fills,
 #: the check each registered object passes first, or None).
 REGISTRATION_HOOKS: tuple[tuple[str, str, Callable[[Any, str], Any] | None], ...] = (
@@ -337,6 +368,7 @@ REGISTRATION_HOOKS: tuple[tuple[str, str, Callable[[Any, str], Any] | None], ...
     ("conceptedit_register_exporters", "exporters", None),
     ("conceptedit_register_evaluators", "evaluators", None),
     ("conceptedit_register_suites", "suites", None),
+    ("conceptedit_register_concept_sources", "concept_sources", _check_concept_source),
 )
 
 

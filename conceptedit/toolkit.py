@@ -13,8 +13,14 @@ else, so a third-party method has every tool a built-in has. Grouped by hook poi
 * inference time: the denoising state a guard reads (:func:`denoising_state`);
 * outside a run: the Stable Diffusion adapter (:class:`StableDiffusionAdapter`), to encode prompts
   or call the UNet of a pipeline directly (tests, evaluators);
-* evaluation: suite metrics (:func:`attack_metrics`, :func:`change_metrics`), label vocabularies
-  (:data:`NUDENET_EXPOSED`), the shapes testbed's prompts and judge (:func:`judge_shapes_image`);
+* concept sources: today's (concept × template) expansion (:func:`template_pairs`) and the shapes
+  world's caption grammar by parts (:func:`shapes_caption`, :class:`ShapesContext`,
+  :func:`sample_shapes_context`, :func:`mentions_phrase`), with the phrasings a recipe may name
+  (:data:`SHAPES_ERASE_NAMES`) and those held out for evaluation (:data:`SHAPES_IMPLICIT_EVAL`);
+* evaluation: suite metrics (:func:`attack_metrics`, :func:`change_metrics`), rates with Wilson
+  intervals (:class:`Rate`, :func:`wilson_interval`), label vocabularies (:data:`NUDENET_EXPOSED`),
+  the shapes testbed's prompts and judge (:func:`judge_shapes_image`, strict mode, :func:`hue_drift`)
+  and the benchmark's held-out splits with their overlap check (:func:`shapes_benchmark_splits`);
 * evaluation data: published prompt files by source (:data:`prompt_sources`), checked local
   copies or cached downloads (:func:`local_copy`) and their rows (:func:`read_rows`); FID from
   two feature sets (:func:`fid_from_features`); prompt cleaning as the tokenizer does it
@@ -47,13 +53,27 @@ from conceptedit.engine.schedules import (
 from conceptedit.engine.selectors import select_parameter_set, select_parameters
 from conceptedit.engine.trajectories import PlannedLatents, ddim_timesteps, partial_ddim, sample_planned, seeded_noise
 from conceptedit.evaluation.metrics import attack_metrics, change_metrics, fid_from_features
+from conceptedit.evaluation.stats import Rate, wilson_interval
 from conceptedit.models.backbone import StableDiffusionAdapter
 from conceptedit.models.tokenizer import clean_prompt
+from conceptedit.recipe.concepts import template_pairs
+from conceptedit.shapes.contexts import CONTEXT_WORDS as SHAPES_CONTEXT_WORDS
+from conceptedit.shapes.contexts import Context as ShapesContext
+from conceptedit.shapes.contexts import caption as shapes_caption
+from conceptedit.shapes.contexts import mentions as mentions_phrase
+from conceptedit.shapes.contexts import mentions_any as mentions_any_phrase
+from conceptedit.shapes.contexts import sample_context as sample_shapes_context
+from conceptedit.shapes.erasure import anchor_reached, hue_drift, row_shows, row_verdict
 from conceptedit.shapes.erasure import prompt_sets as shapes_prompt_sets
-from conceptedit.shapes.erasure import row_shows
+from conceptedit.shapes.judge import STRICT_HUE_RADIUS
 from conceptedit.shapes.judge import judge as judge_shapes_image
+from conceptedit.shapes.splits import benchmark_splits as shapes_benchmark_splits
+from conceptedit.shapes.splits import overlap_problems as shapes_overlap_problems
 from conceptedit.shapes.world import COLOUR_NAMES, SHAPE_NAMES, explicit_prompts, implicit_prompts
 from conceptedit.shapes.world import CONCEPTS as SHAPES_CONCEPTS
+from conceptedit.shapes.world import ERASE_NAMES as SHAPES_ERASE_NAMES
+from conceptedit.shapes.world import IMPLICIT_EVAL as SHAPES_IMPLICIT_EVAL
+from conceptedit.shapes.world import JUDGED_COLOURS as SHAPES_JUDGED_COLOURS
 from conceptedit.shapes.world import Prompt as ShapesPrompt
 
 __all__ = [
@@ -62,19 +82,27 @@ __all__ = [
     "EXTRA_IMAGE",
     "NUDENET_EXPOSED",
     "SHAPES_CONCEPTS",
+    "SHAPES_CONTEXT_WORDS",
+    "SHAPES_ERASE_NAMES",
+    "SHAPES_IMPLICIT_EVAL",
+    "SHAPES_JUDGED_COLOURS",
     "SHAPE_NAMES",
+    "STRICT_HUE_RADIUS",
     "DenoisingState",
     "DrawCounter",
     "ErasureParams",
     "PlannedLatents",
     "PromptFileError",
     "PromptSource",
+    "Rate",
     "RowSelection",
+    "ShapesContext",
     "ShapesPrompt",
     "StableDiffusionAdapter",
     "add_noise",
     "aligned_rows",
     "alphas_cumprod",
+    "anchor_reached",
     "attack_metrics",
     "change_metrics",
     "clean_prompt",
@@ -89,22 +117,32 @@ __all__ = [
     "erase_edit",
     "explicit_prompts",
     "fid_from_features",
+    "hue_drift",
     "implicit_prompts",
     "judge_shapes_image",
     "legacy_compvis_timesteps",
     "local_copy",
     "matching_inputs",
+    "mentions_any_phrase",
+    "mentions_phrase",
     "partial_ddim",
     "prompt_sources",
     "read_prompts",
     "read_rows",
     "resolve_prompt_file",
     "row_shows",
+    "row_verdict",
     "sample_planned",
+    "sample_shapes_context",
     "seeded_noise",
     "select_parameter_set",
     "select_parameters",
     "select_rows",
+    "shapes_benchmark_splits",
+    "shapes_caption",
+    "shapes_overlap_problems",
     "shapes_prompt_sets",
+    "template_pairs",
     "uniform_timesteps",
+    "wilson_interval",
 ]

@@ -126,8 +126,12 @@ def test_judge_on_ground_truth() -> None:
 def test_judge_says_none_when_nothing_is_there() -> None:
     blank = np.full((32, 32, 3), 230, dtype=np.uint8)
     assert judge(blank).colour == judge(blank).shape == NONE
-    grey = render(_scene("red", "square", rgb=(0.45, 0.45, 0.45)))
-    assert judge(grey).colour == NONE and judge(grey).shape == "square"
+    black = render(_scene("red", "square", rgb=(0.2, 0.2, 0.2)))  # achromatic but not a mid grey
+    assert judge(black).colour == NONE and judge(black).shape == "square"
+    chartreuse = render(_scene("red", "square", rgb=(0.495, 0.9, 0.09)))  # hue 90: no palette colour
+    assert judge(chartreuse).colour == NONE and judge(chartreuse).shape == "square"
+    grey = render(_scene("red", "square", rgb=(0.45, 0.45, 0.45)))  # a mid grey is gray (issue 13)
+    assert judge(grey).colour == "gray" and judge(grey).shape == "square"
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     assert judge(noise).shape == NONE
 

@@ -77,7 +77,26 @@ def guide_host(project: Path, site: Path) -> PluginHost:
 
 
 def test_the_guide_builds_every_file_it_talks_about() -> None:
-    assert set(guide_files()) == {*PACKAGE_FILES, "anchor_steer.py", "recipe.yaml"}
+    assert set(guide_files()) == {*PACKAGE_FILES, "anchor_steer.py", "recipe.yaml", "my_sources.py"}
+
+
+def test_the_guide_concept_source_expands_as_the_guide_says(project: Path) -> None:
+    """``my_sources.py`` as written, loaded from the recipe's ``plugins:``: the guide's YAML block
+    gives the first 3 of 5 'N cats' prompts, and a misspelt option is a recipe error naming it."""
+    host = new_host()  # the built-in methods, for the recipe's uce edit
+    recipe = {
+        "schema_version": 1,
+        "model": "builtin:tiny-sd",
+        "plugins": [str(project / "my_sources.py")],
+        "concepts": {"cats": {"generate": {"source": "counting", "word": "cats", "n": 5}, "limit": 3}},
+        "edits": [{"method": "uce", "params": {"concepts": "cats"}}],
+    }
+    loaded = conceptedit.load_recipe(recipe, host=host)
+    assert [p.source for p in loaded.concepts["cats"]] == ["0 cats", "1 cats", "2 cats"]
+    assert {p.target for p in loaded.concepts["cats"]} == {"0 things", "1 things", "2 things"}
+    recipe["concepts"]["cats"]["generate"]["words"] = "dogs"  # type: ignore[index]
+    with pytest.raises(conceptedit.RecipeError, match=r"concepts\.cats\.generate\.words"):
+        conceptedit.load_recipe(recipe, host=host)
 
 
 @pytest.mark.parametrize("path", PACKAGE_FILES)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import typer
 
     from conceptedit.api.backbone import BackboneAdapter
+    from conceptedit.api.concepts import ConceptSource
     from conceptedit.api.context import EditContext, RunContext
     from conceptedit.api.evaluator import Evaluator
     from conceptedit.api.method import EditMethod
@@ -102,6 +103,22 @@ def conceptedit_register_suites(register: Callable[[type[PromptSuite]], None]) -
 
     Args:
         register: Adds one suite class to the registry.
+    """
+
+
+@hookspec
+def conceptedit_register_concept_sources(register: Callable[[type[ConceptSource[Any]]], None]) -> None:
+    """Add concept sources: generators of a concept set's prompt pairs.
+
+    Call ``register(SourceClass)`` for each :class:`~conceptedit.ConceptSource` subclass. A
+    recipe's concept set names it with ``generate: {source: NAME, ...options}``; the loader
+    validates the options against the class's ``Options`` and calls ``pairs()`` once, when the
+    recipe loads. If two plugins register the same name, the one registered later wins. A
+    plugin whose hook raises (or registers something that is not a concept source class) is
+    listed as failed and switched off as a whole.
+
+    Args:
+        register: Adds one concept source class to the registry.
     """
 
 

@@ -74,32 +74,66 @@ def _one_slot(template: str) -> str:
     return template
 
 
+class GenerateSpec(BaseModel):
+    """A concept set made by a concept source: ``{source: NAME, **options}``.
+
+    Only ``source`` is checked here; the other keys are the source's options, which the
+    recipe loader validates against the registered source's ``Options`` (and replaces by the
+    resolved options, defaults included, so the resolved recipe reproduces the pairs).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    source: str = Field(description="Concept source name (`conceptedit plugins` lists who provides which).")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Every key but ``source``: the source's options as written."""
+        return dict(self.model_extra or {})
+
+
 class ConceptSet(Strict):
     """Prompts to edit: concepts (optionally paired with targets) expanded through templates.
 
-    Give exactly one of ``pairs``, ``concepts`` or ``file``. A file holds a JSON/YAML list of
-    strings or of ``[concept, target]`` pairs, or one concept per line (``.txt``).
+    Give exactly one of ``pairs``, ``concepts``, ``file`` or ``generate``. A file holds a
+    JSON/YAML list of strings or of ``[concept, target]`` pairs, or one concept per line
+    (``.txt``). ``generate`` asks a concept source for the pairs; ``target`` and ``templates``
+    do not apply to it (a source that uses them takes them as options), ``limit`` keeps the
+    first N generated pairs.
     """
 
     pairs: list[tuple[str, str]] | None = Field(None, description="[concept, target] pairs.")
     concepts: list[str] | None = Field(None, description="Concepts; each maps to `target`.")
     file: PathText | None = Field(None, description="Path (relative to the recipe) of a concept file.")
+    generate: GenerateSpec | None = Field(
+        None, description="A concept source and its options: {source: NAME, ...}; the source makes the pairs."
+    )
     target: str = Field("", description='Target for entries that give none ("" = unconditional).')
     templates: list[Annotated[str, AfterValidator(_one_slot)]] = Field(
         ["{}"], min_length=1, description="Prompt templates, each with one `{}`."
     )
-    limit: PositiveInt | None = Field(None, description="Use only the first N entries of the list.")
+    limit: PositiveInt | None = Field(
+        None, description="Use only the first N entries of the list (of a generated set: its first N pairs)."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ConceptSet:
-        given = [name for name in ("pairs", "concepts", "file") if getattr(self, name) is not None]
+        given = [name for name in ("pairs", "concepts", "file", "generate") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of `pairs`, `concepts` or `file`" + (f" (got {', '.join(given)})" if given else "")
+                "give exactly one of `pairs`, `concepts` or `file`, or a `generate:` block"
+                + (f" (got {', '.join(given)})" if given else "")
             )
         for source in ("pairs", "concepts"):
             if getattr(self, source) == []:
                 raise ValueError(f"`{source}` is empty")
+        if self.generate is not None:  # the defaults pass, so a resolved recipe validates again
+            for name, default in (("target", ""), ("templates", ["{}"])):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"`{name}` does not apply to a `generate:` set: the source makes whole prompt pairs; "
+                        f"give it as an option of the source if it takes one (the `templates` source does)"
+                    )
         return self
 
 

@@ -61,6 +61,12 @@ class PromptSuite(ABC):
     def prompts(self) -> list[SuitePrompt]:
         """Every prompt of the suite, in a fixed order."""
 
+    def overlap_with(self, edit_prompts: Sequence[str]) -> list[str]:
+        """Why this suite's numbers would not be honest for an edit made from ``edit_prompts`` (the
+        recipe's concept prompts): e.g. they use the suite's held-out words. Empty when they would;
+        a recipe that evaluates on a suite that objects is refused when it loads."""
+        return []
+
     def scorer_options(self) -> dict[str, Any]:
         """Keyword arguments for the scorer's constructor (e.g. the concept a CLIP scorer looks for)."""
         return {}

@@ -195,6 +195,34 @@ def validate(
     out.print(f"[green]ok[/] {recipe}: model {loaded.recipe.model.id}, edits: {edits}")
 
 
+@app.command()
+@user_errors
+def concepts(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    only: Annotated[str | None, typer.Option("--only", help="Show only this concept set.")] = None,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: set name -> list of pairs.")] = False,
+) -> None:
+    """Print every concept set's prompt pairs as the recipe expands them (generated sets included)."""
+    from dataclasses import asdict
+
+    from conceptedit.recipe.loader import load_recipe
+
+    loaded = load_recipe(recipe, overrides=set_ or [], host=host())
+    sets = {name: pairs for name, pairs in loaded.concepts.items() if only is None or name == only}
+    if only is not None and not sets:
+        raise typer.BadParameter(f"no concept set named {only!r}; have: {', '.join(loaded.concepts) or 'none'}")
+    if as_json:
+        print(json.dumps({name: [asdict(p) for p in pairs] for name, pairs in sets.items()}, indent=2))
+        return
+    for name, pairs in sets.items():
+        spec = loaded.recipe.concepts[name].generate
+        origin = f", from {spec.source} {json.dumps(spec.options)}" if spec is not None else ""
+        out.print(_escape(f"{name}: {len(pairs)} pair(s){origin}"), soft_wrap=True)
+        for pair in pairs:
+            out.print(_escape(f"  {pair.source}  ->  {pair.target}"), soft_wrap=True)
+
+
 def _edit_labels(recipe: Any) -> list[str]:
     labels = []
     for item in recipe.edits:

@@ -24,7 +24,7 @@ from conceptedit.api.recipe import ConceptRefMarker, GroupBase, RecipeBase
 from conceptedit.errors import PluginError, RecipeError, RecipeIssue
 from conceptedit.models.loading import model_id_problem
 from conceptedit.plugins import PluginHost, get_host
-from conceptedit.recipe.concepts import ConceptFileError, expand_concepts
+from conceptedit.recipe.concepts import ConceptFileError, GenerateError, expand_concepts, generate_concepts
 from conceptedit.recipe.schema import RecipeSchema
 
 
@@ -105,8 +105,9 @@ def load_recipe(
     except ValidationError as exc:
         issues.extend(_convert_errors(exc, schema, lines, host))
         raise RecipeError(label, _mark_overridden(issues, overrides)) from None
-    concepts = _expand_concepts(model, base_dir, lines, issues)
+    concepts = _expand_concepts(model, base_dir, lines, issues, host)
     issues.extend(_cross_checks(model, schema, host, lines))
+    issues.extend(_check_held_out(model, concepts, host, lines))
     if issues:
         raise RecipeError(label, _mark_overridden(issues, overrides))
     loaded = LoadedRecipe(model, source, text, base_dir, overrides, host, concepts)
@@ -610,17 +611,38 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _expand_concepts(
-    recipe: RecipeBase, base_dir: Path, lines: _LineIndex, issues: list[RecipeIssue]
+    recipe: RecipeBase, base_dir: Path, lines: _LineIndex, issues: list[RecipeIssue], host: PluginHost
 ) -> dict[str, list[PromptPair]]:
-    """Each concept set's prompt pairs (its file read once, here); a set that cannot be read is an issue."""
+    """Each concept set's prompt pairs (its file read, or its source run, once, here); a set that
+    cannot be expanded is an issue. A generated set's ``generate:`` block is replaced by the
+    resolved one (every option, defaults included), so the resolved recipe reproduces its pairs."""
     out: dict[str, list[PromptPair]] = {}
     for name, concept_set in recipe.concepts.items():
+        if concept_set.generate is not None:
+            try:
+                out[name], concept_set.generate = generate_concepts(concept_set, host.registry.concept_sources)
+            except GenerateError as exc:
+                issues.extend(_generate_issues(name, exc, lines, host))
+            continue
         try:
             out[name] = expand_concepts(concept_set, base_dir)
         except ConceptFileError as exc:
             path = f"concepts.{name}.file"
             issues.append(RecipeIssue(path, str(exc), lines.line(path), "paths are relative to the recipe file"))
     return out
+
+
+def _generate_issues(name: str, exc: GenerateError, lines: _LineIndex, host: PluginHost) -> list[RecipeIssue]:
+    """One issue per problem of set ``name``'s ``generate:`` block, at ``concepts.<name>.generate.<option>``."""
+    issues = []
+    for problem in exc.problems:
+        path = ".".join(part for part in (f"concepts.{name}.generate", problem.field) if part)
+        suggestion = problem.suggestion
+        note = host.failure_note() if problem.field == "source" else None
+        if note:  # one of them may be the plugin that provides it
+            suggestion = f"{suggestion}; {note}" if suggestion else note
+        issues.append(RecipeIssue(path, problem.message, lines.line(path), suggestion))
+    return issues
 
 
 def _cross_checks(recipe: RecipeBase, schema: RecipeSchema, host: PluginHost, lines: _LineIndex) -> list[RecipeIssue]:
@@ -676,6 +698,34 @@ def _check_refs(edit: Any, prefix: str, known: list[str], lines: _LineIndex) -> 
                     else ("define it under `concepts:`" + (f" (have: {', '.join(known)})" if known else ""))
                 )
                 issues.append(RecipeIssue(path, f"no concept set named {ref!r}", lines.line(path), hint))
+    return issues
+
+
+def _check_held_out(
+    recipe: RecipeBase, concepts: dict[str, list[PromptPair]], host: PluginHost, lines: _LineIndex
+) -> list[RecipeIssue]:
+    """An ``evaluate`` suite that holds prompts out of the edit refuses a recipe whose concept
+    sets use them: an erasure rate on prompts the edit saw is not an erasure rate."""
+    prompts = [p for pairs in concepts.values() for pair in pairs for p in (pair.source, pair.target)]
+    issues: list[RecipeIssue] = []
+    for k, spec in enumerate(recipe.evaluate):
+        cls = host.registry.suites.get(spec.suite)
+        try:
+            suite = cls(cls.Options.model_validate(spec.options)) if cls is not None else None
+        except ValidationError:
+            continue  # reported by _check_suites
+        problems = suite.overlap_with(prompts) if suite is not None else []
+        if problems:
+            shown_problems = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            issues.append(
+                RecipeIssue(
+                    f"evaluate.{k}",
+                    f"suite {spec.suite!r} holds out words the recipe's concept sets use: {shown_problems}",
+                    lines.line(f"evaluate.{k}"),
+                    "take those phrasings and context words out of the concept sets (a generate: block's "
+                    "exclude_contexts does it), or evaluate on a suite the edit may see",
+                )
+            )
     return issues
 
 

@@ -8,6 +8,14 @@ For a target concept (a colour or a shape) and an edited pipeline, next to the b
 * preserved -- judge accuracy (colour and shape both right) on prompts without the target, as a
   fraction of the base model's accuracy on the same prompts and seeds;
 * unchanged -- mean absolute pixel difference (0-1) from the base model's image for those prompts.
+
+Whether an image shows a colour is judged in one of two modes. The default (nearest) mode takes
+the judge's classes: a red that drifted to 15 degrees is "orange", so red counts as erased. Strict
+mode (``strict=True``) also counts a colour as shown when the measured hue is within
+:data:`~conceptedit.shapes.judge.STRICT_HUE_RADIUS` of it, so an erasure must move the colour
+well away, not just past the midpoint to a neighbour. :func:`hue_drift` is how far, in degrees,
+an image's hue is from the one its prompt asked for; :func:`anchor_reached` whether an erased
+image shows the anchor instead.
 """
 
 from __future__ import annotations
@@ -19,12 +27,16 @@ from typing import Any
 import numpy as np
 
 from conceptedit.shapes.evaluate import generate
-from conceptedit.shapes.judge import Verdict, judge
+from conceptedit.shapes.judge import Verdict, hue_difference, judge, strict_colours
 from conceptedit.shapes.world import (
+    ACHROMATIC,
     COLOUR_NAMES,
     CONCEPTS,
     ERASE_NAMES,
+    JUDGED_COLOURS,
     SHAPE_NAMES,
+    Colour,
+    Concept,
     Prompt,
     explicit_prompts,
     implicit_prompts,
@@ -50,22 +62,75 @@ def prompt_sets(target: str) -> PromptSets:
     return PromptSets(target, explicit, implicit, preserve_prompts(target))
 
 
-def verdict_shows(target: str, verdict: Verdict) -> bool:
+_JUDGED: dict[str, Colour] = {c.name: c for c in JUDGED_COLOURS}
+
+
+def _concept(name: str) -> Concept:
+    concept = _JUDGED.get(name) or CONCEPTS.get(name)
+    if concept is None:
+        known = ", ".join((*_JUDGED, *SHAPE_NAMES))
+        raise ValueError(f"unknown concept {name!r}; the judge knows {known}")
+    return concept
+
+
+def verdict_shows(target: str, verdict: Verdict, strict: bool = False) -> bool:
     """Whether ``verdict`` finds ``target``, as the dominant or as a listed colour/shape: an image
-    that is half red still shows red."""
-    if CONCEPTS[target].kind == "colour":
-        return target == verdict.colour or target in verdict.colours
+    that is half red still shows red. ``strict``: a colour is also shown when the measured hue is
+    within :data:`~conceptedit.shapes.judge.STRICT_HUE_RADIUS` of its hue, whatever the nearest
+    class (shapes and gray are judged the same in both modes)."""
+    if _concept(target).kind == "colour":
+        if target == verdict.colour or target in verdict.colours:
+            return True
+        return strict and target in strict_colours(verdict)
     return target == verdict.shape or target in verdict.shapes
 
 
-def row_shows(target: str, row: Mapping[str, Any]) -> bool:
-    """:func:`verdict_shows` on a shapes-judge score row (``colour``, ``shape``, ``colours``, ``shapes``)."""
-    return verdict_shows(target, Verdict(row["colour"], row["shape"], tuple(row["colours"]), tuple(row["shapes"])))
+def row_verdict(row: Mapping[str, Any]) -> Verdict:
+    """The :class:`~conceptedit.shapes.judge.Verdict` of a shapes-judge score row; rows written
+    before the judge reported hue, saturation and value read as having none."""
+    return Verdict(
+        row["colour"],
+        row["shape"],
+        tuple(row["colours"]),
+        tuple(row["shapes"]),
+        row.get("hue"),
+        row.get("saturation"),
+        row.get("value"),
+    )
 
 
-def shows(target: str, image: np.ndarray) -> bool:
+def row_shows(target: str, row: Mapping[str, Any], strict: bool = False) -> bool:
+    """:func:`verdict_shows` on a shapes-judge score row (``colour``, ``shape``, ``colours``,
+    ``shapes``, and ``hue`` for strict mode; a row without a hue is judged by its classes only)."""
+    return verdict_shows(target, row_verdict(row), strict)
+
+
+def shows(target: str, image: np.ndarray, strict: bool = False) -> bool:
     """Whether the judge finds ``target`` in ``image``."""
-    return verdict_shows(target, judge(image))
+    return verdict_shows(target, judge(image), strict)
+
+
+def anchor_reached(anchor: str, verdict: Verdict, strict: bool = False) -> bool:
+    """Whether an image shows the ``anchor`` an erasure steers towards, as its dominant colour or
+    shape: for gray an achromatic foreground (gray dominant), for a palette colour that colour
+    dominant (``strict``: or the measured hue within the strict radius of it), for a shape that
+    shape dominant."""
+    concept = _concept(anchor)
+    if concept.kind == "shape":
+        return verdict.shape == anchor
+    if verdict.colour == anchor:
+        return True
+    return strict and concept not in ACHROMATIC and anchor in strict_colours(verdict)
+
+
+def hue_drift(colour: str, hue: float | None) -> float | None:
+    """Signed circular difference in degrees (``[-180, 180)``) between a measured ``hue`` and the
+    hue of the ``colour`` a prompt asked for: +10 for a yellow drawn at 64 degrees, -10 for one
+    at 44. ``None`` when no hue was measured or ``colour`` is achromatic (gray has no hue)."""
+    concept = _concept(colour)
+    if hue is None or not isinstance(concept, Colour) or concept in ACHROMATIC:
+        return None
+    return hue_difference(hue, concept.hue)
 
 
 def images_for(pipeline: Any, prompts: Sequence[Prompt], seeds: Sequence[int], **sampler: Any) -> np.ndarray:

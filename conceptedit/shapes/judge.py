@@ -7,6 +7,17 @@ the background); shape is how the foreground fills a 3x3 grid over its bounding 
 square; corners partly full: circle; corners empty: cross; top empty, bottom full: triangle), which
 survives the blur of generated images better than perimeter-based measures. Either answer is
 ``none`` when nothing recognisable is there.
+
+Gray is the one achromatic colour (:data:`~conceptedit.shapes.world.GRAY`): a solid foreground
+pixel is gray when its HSV saturation is below :data:`GRAY_MAX_SATURATION`, its value lies in
+:data:`GRAY_VALUES` (darker reads as black, lighter as white: neither is a mid grey) and it differs
+from the background's value by :data:`GRAY_MIN_CONTRAST`. Gray pixels and the confidently coloured
+ones are pooled: the dominant colour must cover half of that pool, a listed one a quarter.
+
+Besides the class names the verdict reports what was measured: the foreground's ``hue`` (the
+circular mean hue of the confidently coloured pixels), its ``saturation`` and ``value``. The hue
+lets a caller judge strictly (:data:`STRICT_HUE_RADIUS`): the nearest class calls a red drawn at
+15 degrees "orange", but it is still within reach of red.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from functools import cache
 
 import numpy as np
 
-from conceptedit.shapes.world import COLOURS, IMAGE_SIZE, SHAPE_NAMES, SUPERSAMPLE, shape_outline
+from conceptedit.shapes.world import COLOURS, GRAY, IMAGE_SIZE, SHAPE_NAMES, SUPERSAMPLE, shape_outline
 
 NONE = "none"
 _MIN_CONTRAST = 0.25  # RGB distance in [0, 1] units below which nothing stands out from the background
@@ -29,6 +40,21 @@ _MIN_SHARE = 0.25  # a colour or shape is listed when it covers this share of th
 # 4*pi*area / perimeter^2 with the pixel-edge perimeter: 0.62 for a disc, 0.39 for the triangle,
 # 0.48 for the cross; ragged or holed blobs (noise, a broken render) fall far below.
 _MIN_COMPACTNESS = 0.2
+#: Strict mode: a foreground whose measured hue is within this many degrees (circular) of a colour's
+#: hue shows that colour, whatever the nearest class. 20 is under the 26-degree gap between
+#: neighbouring palette hues less the renders' 3-degree jitter and the judge's hue error, so a
+#: correctly drawn colour is never strictly its neighbour; a red that drifted 15 degrees towards
+#: orange (nearest class: orange) still counts as red.
+STRICT_HUE_RADIUS = 20.0
+#: Gray: HSV saturation below this (the palette's colours are drawn at 0.72 or more).
+GRAY_MAX_SATURATION = 0.2
+#: Gray: the value range of a mid grey; a darker foreground is black, a lighter one white.
+GRAY_VALUES = (0.3, 0.8)
+#: Gray: the least difference of value from the background (light 0.92, dark 0.12) to stand out.
+GRAY_MIN_CONTRAST = 0.2
+# The hue is reported when the coloured pixels agree on one (mean resultant length; 0.9 is a
+# circular spread of about 26 degrees) and make up a quarter of the judged pixels.
+_MIN_HUE_AGREEMENT = 0.9
 
 
 @dataclass(frozen=True)
@@ -40,6 +66,12 @@ class Verdict:
     shape: str
     colours: tuple[str, ...]
     shapes: tuple[str, ...]
+    #: Circular mean hue (degrees, [0, 360)) of the confidently coloured foreground pixels; ``None``
+    #: when there are too few (a gray or empty image) or they disagree (two colours).
+    hue: float | None = None
+    #: Median HSV saturation and value of the solid foreground; ``None`` when nothing stands out.
+    saturation: float | None = None
+    value: float | None = None
 
 
 def judge(image: np.ndarray) -> Verdict:
@@ -58,7 +90,7 @@ def judge(image: np.ndarray) -> Verdict:
     components = [c for c in _components(alpha >= 0.5) if alpha[c].sum() >= _MIN_AREA]
     if not components:
         return Verdict(NONE, NONE, (), ())
-    colours = _colours(rgb, alpha)
+    reading = _colours(rgb, alpha, float(background.max()))
     areas = [alpha[c].sum() for c in components]
     shapes: dict[str, float] = {}
     for component, area in zip(components, areas, strict=True):
@@ -72,28 +104,84 @@ def judge(image: np.ndarray) -> Verdict:
     listed_shapes = tuple(
         s for s in sorted(shapes, key=shapes.__getitem__, reverse=True) if s != NONE and shapes[s] >= _MIN_SHARE * total
     )
+    colours = reading.colours
     colour = colours[0] if colours else NONE
-    return Verdict(colour, shape, colours, listed_shapes)
+    return Verdict(colour, shape, colours, listed_shapes, reading.hue, reading.saturation, reading.value)
 
 
-def _colours(rgb: np.ndarray, alpha: np.ndarray) -> tuple[str, ...]:
-    """Colours of the solid, saturated foreground pixels, most frequent first; the dominant colour
-    must cover half of them, else the image has no single recognisable colour."""
+@dataclass(frozen=True)
+class _Reading:
+    colours: tuple[str, ...]
+    hue: float | None
+    saturation: float | None
+    value: float | None
+
+
+def _colours(rgb: np.ndarray, alpha: np.ndarray, background_value: float) -> _Reading:
+    """Colours of the solid foreground pixels, most frequent first, with its measured hue,
+    saturation and value. Confidently coloured pixels are classed by hue, gray ones (see the module
+    docstring) as gray; the dominant colour must cover half of those pixels, else the image has no
+    single recognisable colour."""
     hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
-    confident = (alpha >= 0.8) & (hi - lo >= 0.2) & (hi - lo >= 0.35 * hi)
-    if confident.sum() < _MIN_AREA / 2:
-        return ()
+    solid = alpha >= 0.8
+    saturation = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-12), 0.0)
+    confident = solid & (hi - lo >= 0.2) & (hi - lo >= 0.35 * hi)
+    gray = (
+        solid
+        & (saturation < GRAY_MAX_SATURATION)
+        & (hi >= GRAY_VALUES[0])
+        & (hi <= GRAY_VALUES[1])
+        & (np.abs(hi - background_value) >= GRAY_MIN_CONTRAST)
+    )
+    sat = float(np.median(saturation[solid])) if solid.any() else None
+    val = float(np.median(hi[solid])) if solid.any() else None
     hues = np.array([colorsys.rgb_to_hsv(*p)[0] * 360 for p in rgb[confident]])
+    total = len(hues) + int(gray.sum())
+    if total < _MIN_AREA / 2:
+        return _Reading((), None, sat, val)
+    counts = np.append(_hue_counts(hues), gray.sum())
+    share = counts / total
+    order = [i for i in np.argsort(-counts, kind="stable") if share[i] >= _MIN_SHARE]
+    names = (*(c.name for c in COLOURS), GRAY.name)  # the counts: palette colours by hue, then gray
+    listed = tuple(names[i] for i in order) if order and share[order[0]] >= 0.5 else ()
+    hue = _mean_hue(hues) if len(hues) >= max(_MIN_AREA / 2, _MIN_SHARE * total) else None
+    return _Reading(listed, hue, sat, val)
+
+
+def _hue_counts(hues: np.ndarray) -> np.ndarray:
+    """How many of ``hues`` (degrees) fall within :data:`_HUE_TOLERANCE` of each palette colour, nearest."""
+    if not len(hues):
+        return np.zeros(len(COLOURS), dtype=np.int64)
     centres = np.array([c.hue for c in COLOURS])
     gap = np.abs((hues[:, None] - centres[None, :] + 180) % 360 - 180)
     nearest = gap.argmin(axis=1)
     known = gap.min(axis=1) <= _HUE_TOLERANCE
-    counts = np.bincount(nearest[known], minlength=len(COLOURS))
-    share = counts / len(hues)
-    order = [i for i in np.argsort(-counts, kind="stable") if share[i] >= _MIN_SHARE]
-    if not order or share[order[0]] < 0.5:
+    return np.bincount(nearest[known], minlength=len(COLOURS))
+
+
+def _mean_hue(hues: np.ndarray) -> float | None:
+    """Circular mean of ``hues`` in degrees [0, 360), or ``None`` when they disagree."""
+    angles = np.deg2rad(hues)
+    c, s = float(np.cos(angles).mean()), float(np.sin(angles).mean())
+    if np.hypot(c, s) < _MIN_HUE_AGREEMENT:
+        return None
+    return float(np.rad2deg(np.arctan2(s, c)) % 360.0)
+
+
+def hue_difference(hue: float, reference: float) -> float:
+    """Signed circular difference ``hue - reference`` in degrees, in ``[-180, 180)``: +10 is 10
+    degrees past ``reference`` towards higher hues (red -> orange), -10 the other way."""
+    return float((hue - reference + 180.0) % 360.0 - 180.0)
+
+
+def strict_colours(verdict: Verdict) -> tuple[str, ...]:
+    """Palette colours within :data:`STRICT_HUE_RADIUS` of the verdict's measured hue, nearest
+    first; empty when no hue was measured. Strict mode counts these as shown in addition to
+    ``verdict.colours``."""
+    if verdict.hue is None:
         return ()
-    return tuple(COLOURS[i].name for i in order)
+    gaps = [(abs(hue_difference(verdict.hue, c.hue)), c.name) for c in COLOURS]
+    return tuple(name for gap, name in sorted(gaps) if gap <= STRICT_HUE_RADIUS)
 
 
 def classify_shape(alpha: np.ndarray) -> str:

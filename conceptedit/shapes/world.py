@@ -117,6 +117,25 @@ COLOURS: tuple[Colour, ...] = (
     ),
 )
 
+#: Mid grey, the colour an erasure's anchor usually names ("a scarlet circle" -> "a gray circle").
+#: Achromatic: its ``hue`` means nothing (saturation 0.03), and the judge recognises it by low
+#: saturation instead (:mod:`conceptedit.shapes.judge`). Its value 0.55 sits well clear of both
+#: backgrounds (light 0.92, dark 0.12). Not yet in :data:`COLOURS`, :data:`COLOUR_NAMES` or
+#: :data:`CONCEPTS`: the shipped model was trained without it, and is retrained with it later.
+GRAY = Colour(
+    "gray",
+    "colour",
+    ("ashen", "slate", "silver"),
+    ("the colour of ash", "like a rain cloud", "like concrete", "like an elephant"),
+    held_out=("silver", "like a rain cloud", "like concrete"),
+    hue=0.0,
+    sv=(0.03, 0.55),
+)
+#: Colours without a hue, judged by saturation and value.
+ACHROMATIC: tuple[Colour, ...] = (GRAY,)
+#: Every colour the judge names: the trained palette and the achromatic ones.
+JUDGED_COLOURS: tuple[Colour, ...] = COLOURS + ACHROMATIC
+
 SHAPES: tuple[Concept, ...] = (
     Concept(
         "circle",

@@ -8,20 +8,29 @@ from typing import Any
 import numpy as np
 
 from conceptedit import Evaluator, PluginError, Sample, hookimpl
-from conceptedit.toolkit import COLOUR_NAMES, SHAPE_NAMES, judge_shapes_image, row_shows
+from conceptedit.toolkit import (
+    COLOUR_NAMES,
+    SHAPE_NAMES,
+    SHAPES_JUDGED_COLOURS,
+    STRICT_HUE_RADIUS,
+    judge_shapes_image,
+    row_shows,
+)
 
 
 class ShapesJudge(Evaluator):
     """Analytic judge: hue of the foreground for colour, mask geometry for shape, ``none`` if neither.
 
-    Per sample it reports the judged ``colour`` and ``shape``, every colour/shape covering a
-    quarter of the foreground, and -- when the sample's labels name the expected ``colour`` /
-    ``shape`` -- whether the judge agrees.
+    Per sample it reports the judged ``colour`` and ``shape`` (gray included: an achromatic
+    foreground), every colour/shape covering a quarter of the foreground, the foreground's
+    measured ``hue`` (degrees, or None), ``saturation`` and ``value`` (0-1, or None), from which
+    suites judge strictly and measure hue drift, and -- when the sample's labels name the expected
+    ``colour`` / ``shape`` -- whether the judge agrees.
     """
 
     name = "shapes-judge"
     summary = "Colour and shape of a shapes-world image (analytic; 'none' when nothing is recognisable)"
-    version = "1"
+    version = "2"  # 2: gray, and the measured hue, saturation and value
 
     def score(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
         out = []
@@ -32,6 +41,9 @@ class ShapesJudge(Evaluator):
                 "shape": verdict.shape,
                 "colours": list(verdict.colours),
                 "shapes": list(verdict.shapes),
+                "hue": verdict.hue,
+                "saturation": verdict.saturation,
+                "value": verdict.value,
             }
             for key in ("colour", "shape"):
                 if key in sample.labels:
@@ -46,7 +58,13 @@ class ShapesJudge(Evaluator):
         return row_shows(labels["target"], row)
 
     def protocol(self) -> dict[str, Any]:
-        return {**super().protocol(), "colours": list(COLOUR_NAMES), "shapes": list(SHAPE_NAMES)}
+        return {
+            **super().protocol(),
+            "colours": list(COLOUR_NAMES),
+            "judged_colours": [c.name for c in SHAPES_JUDGED_COLOURS],
+            "shapes": list(SHAPE_NAMES),
+            "strict_hue_radius": STRICT_HUE_RADIUS,
+        }
 
 
 @hookimpl
