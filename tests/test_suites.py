@@ -150,3 +150,18 @@ def _check_report(folder: Path, images: int) -> None:
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
             assert image.size == (32, 32)
     assert "| target_shown |" in (folder / "report.md").read_text()
+
+
+def test_the_console_table_shows_each_rate_with_its_interval_and_count_in_one_row() -> None:
+    from rich.console import Console
+
+    from conceptedit.api.results import SuiteResult
+    from conceptedit.evaluation.evaluate import print_results
+
+    metrics = {"erased": 0.875, "erased_n": 16.0, "erased_low": 0.64, "erased_high": 0.965, "hue_drift_n": 10.0}
+    console = Console(width=200, record=True)
+    print_results([SuiteResult("shapes-explicit", {"target": "red"}, 16, metrics, None, {})], console)
+    text = console.export_text()
+    assert "0.875 [0.640, 0.965] n=16" in text
+    assert "erased_low" not in text and "erased_n" not in text
+    assert "hue_drift_n" in text  # a count without an interval keeps its own row

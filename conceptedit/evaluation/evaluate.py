@@ -325,7 +325,23 @@ def print_results(
         if r.base_metrics is not None:
             table.add_column(labels[0], justify="right")
         table.add_column(labels[1] if r.base_metrics is not None else "value", justify="right")
-        for name, value in r.metrics.items():
-            cells = [f"{r.base_metrics[name]:.3f}"] if r.base_metrics is not None else []
-            table.add_row(name, *cells, f"{value:.3f}")
+        shown = [name for name in r.metrics if not _is_interval_part(name, r.metrics)]
+        for name in shown:
+            cells = [_cell(name, r.base_metrics)] if r.base_metrics is not None else []
+            table.add_row(name, *cells, _cell(name, r.metrics))
         console.print(table)
+
+
+def _is_interval_part(name: str, metrics: dict[str, float]) -> bool:
+    """``erased_n``, ``erased_low``, ``erased_high``: shown inside the ``erased`` row, not as rows."""
+    stem, _, part = name.rpartition("_")
+    return part in ("n", "low", "high") and stem in metrics and f"{stem}_low" in metrics
+
+
+def _cell(name: str, metrics: dict[str, float]) -> str:
+    """``0.875 [0.640, 0.965] n=16`` for a rate with its Wilson interval, else the value alone."""
+    value = metrics[name]
+    if f"{name}_low" in metrics and f"{name}_high" in metrics and f"{name}_n" in metrics:
+        low, high, n = metrics[f"{name}_low"], metrics[f"{name}_high"], metrics[f"{name}_n"]
+        return f"{value:.3f} [{low:.3f}, {high:.3f}] n={n:.0f}"
+    return f"{value:.3f}"
