@@ -7,7 +7,16 @@ and how to fix it. The CLI prints them without a traceback and exits with code 2
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from difflib import get_close_matches
+
+
+def did_you_mean(name: str, known: Sequence[str], *, label: str = "known", cutoff: float = 0.6) -> str:
+    """The fix for an unknown name: ``did you mean 'x'? known: a, b, c`` (the guess only when one is close)."""
+    close = get_close_matches(name, list(known), n=1, cutoff=cutoff)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f"{guess}{label}: " + (", ".join(known) or "none")
 
 
 class ConceptEditError(Exception):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from conceptedit.api.paths import path_text_problem, shown
-from conceptedit.errors import ModelLoadError
+from conceptedit.errors import ModelLoadError, did_you_mean
 from conceptedit.io.hashing import file_sha256
 from conceptedit.models.builtin import BUILTIN_MODELS
 
@@ -87,10 +87,7 @@ def model_id_problem(model_id: str) -> tuple[str, str] | None:
         if model_id[len(BUILTIN_PREFIX) :] in BUILTIN_MODELS:
             return None
         known = [BUILTIN_PREFIX + n for n in BUILTIN_MODELS]
-        close = get_close_matches(model_id, known, n=1)
-        return f"unknown built-in model {model_id!r}", (f"did you mean {close[0]!r}? " if close else "") + (
-            "built-ins: " + ", ".join(known)
-        )
+        return f"unknown built-in model {model_id!r}", did_you_mean(model_id, known, label="built-ins")
     target = Path(model_id).expanduser()
     if target.suffix in WEIGHT_SUFFIXES and target.suffix != ".safetensors":
         return (

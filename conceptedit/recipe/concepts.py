@@ -16,7 +16,7 @@ from conceptedit.api.concepts import ConceptSource
 from conceptedit.api.edits import PromptPair
 from conceptedit.api.paths import shown
 from conceptedit.api.recipe import ConceptSet, GenerateSpec
-from conceptedit.errors import ConceptEditError
+from conceptedit.errors import ConceptEditError, did_you_mean
 
 
 class ConceptFileError(ConceptEditError):
@@ -115,8 +115,7 @@ def generate_concepts(
     assert spec is not None
     cls = sources.get(spec.source)
     if cls is None:
-        close = get_close_matches(spec.source, list(sources), n=1)
-        hint = (f"did you mean {close[0]!r}? " if close else "") + "known: " + (", ".join(sorted(sources)) or "none")
+        hint = did_you_mean(spec.source, sorted(sources))
         raise GenerateError([GenerateProblem("source", f"unknown concept source {shown(spec.source)}", hint)])
     try:
         options = cls.Options.model_validate(spec.options)

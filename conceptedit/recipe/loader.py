@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from conceptedit.api.edits import PromptPair
 from conceptedit.api.paths import path_text_problem, shown
 from conceptedit.api.recipe import ConceptRefMarker, GroupBase, RecipeBase
-from conceptedit.errors import PluginError, RecipeError, RecipeIssue
+from conceptedit.errors import PluginError, RecipeError, RecipeIssue, did_you_mean
 from conceptedit.models.loading import model_id_problem
 from conceptedit.plugins import PluginHost, get_host
 from conceptedit.recipe.concepts import ConceptFileError, GenerateError, expand_concepts, generate_concepts
@@ -533,8 +533,7 @@ def _unknown_method(given: Any, ctx: dict[str, Any], schema: RecipeSchema, host:
             f"method {name!r} is {cls.kind}; a training group holds only training methods",
             "move it out of the group, before or after it; training methods: " + ", ".join(allowed),
         )
-    close = get_close_matches(str(name), allowed, n=1, cutoff=0.5)
-    suggestion = (f"did you mean {close[0]!r}? " if close else "") + "installed: " + ", ".join(allowed)
+    suggestion = did_you_mean(str(name), allowed, label="installed", cutoff=0.5)
     broken = host.failed()
     if broken:  # one of them may be the plugin that provides it
         suggestion += "; plugins that failed to load: " + ", ".join(f"{i.name} ({i.error})" for i in broken)
@@ -668,13 +667,12 @@ def _cross_checks(recipe: RecipeBase, schema: RecipeSchema, host: PluginHost, li
     exporters = host.registry.exporters
     for k, fmt in enumerate(recipe.output.formats):
         if fmt not in exporters:
-            close = get_close_matches(fmt, list(exporters), n=1)
             issues.append(
                 RecipeIssue(
                     f"output.formats.{k}",
                     f"unknown output format {fmt!r}",
                     lines.line(f"output.formats.{k}"),
-                    (f"did you mean {close[0]!r}? " if close else "") + "known: " + ", ".join(exporters),
+                    did_you_mean(fmt, list(exporters)),
                 )
             )
     return issues
@@ -737,8 +735,7 @@ def _check_suites(recipe: RecipeBase, host: PluginHost, lines: _LineIndex) -> li
         path = f"evaluate.{k}"
         cls = suites.get(spec.suite)
         if cls is None:
-            close = get_close_matches(spec.suite, list(suites), n=1)
-            hint = (f"did you mean {close[0]!r}? " if close else "") + "known: " + ", ".join(sorted(suites))
+            hint = did_you_mean(spec.suite, sorted(suites))
             issues.append(
                 RecipeIssue(f"{path}.suite", f"unknown prompt suite {spec.suite!r}", lines.line(f"{path}.suite"), hint)
             )
