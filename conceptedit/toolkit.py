@@ -69,23 +69,22 @@ from conceptedit.shapes.judge import STRICT_HUE_RADIUS
 from conceptedit.shapes.judge import judge as judge_shapes_image
 from conceptedit.shapes.splits import benchmark_splits as shapes_benchmark_splits
 from conceptedit.shapes.splits import overlap_problems as shapes_overlap_problems
-from conceptedit.shapes.world import COLOUR_NAMES, SHAPE_NAMES, explicit_prompts, implicit_prompts
+from conceptedit.shapes.world import COLOUR_NAMES, HUED_COLOUR_NAMES, SHAPE_NAMES, explicit_prompts, implicit_prompts
 from conceptedit.shapes.world import CONCEPTS as SHAPES_CONCEPTS
 from conceptedit.shapes.world import ERASE_NAMES as SHAPES_ERASE_NAMES
 from conceptedit.shapes.world import IMPLICIT_EVAL as SHAPES_IMPLICIT_EVAL
-from conceptedit.shapes.world import JUDGED_COLOURS as SHAPES_JUDGED_COLOURS
 from conceptedit.shapes.world import Prompt as ShapesPrompt
 
 __all__ = [
     "ATTACK_DIRECTIONS",
     "COLOUR_NAMES",
     "EXTRA_IMAGE",
+    "HUED_COLOUR_NAMES",
     "NUDENET_EXPOSED",
     "SHAPES_CONCEPTS",
     "SHAPES_CONTEXT_WORDS",
     "SHAPES_ERASE_NAMES",
     "SHAPES_IMPLICIT_EVAL",
-    "SHAPES_JUDGED_COLOURS",
     "SHAPE_NAMES",
     "STRICT_HUE_RADIUS",
     "DenoisingState",

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from conceptedit.shapes.evaluate import benchmark
 from conceptedit.shapes.train import TrainConfig, save, train
-from conceptedit.shapes.world import COLOURS, IMPLICIT_EVAL, SHAPES
+from conceptedit.shapes.world import ACHROMATIC, COLOURS, IMPLICIT_EVAL, SHAPES
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -78,6 +78,16 @@ def _minutes(seconds: dict[str, float]) -> str:
     return ", ".join(f"{stage.replace('_', ' ')} {value / 60:.1f} min" for stage, value in seconds.items())
 
 
+#: The model card's bars, per prompt set (measured, never loosened).
+_BARS = {
+    "explicit": "95%",
+    "implicit_colour": "90%",
+    "implicit_shape": "90%",
+    "contexts": "90%",
+    "random_prefix_tokens": "90%",
+}
+
+
 def model_card(
     pipe: StableDiffusionPipeline, training: dict[str, Any], evaluation: dict[str, Any] | None, megabytes: float
 ) -> str:
@@ -88,7 +98,9 @@ def model_card(
         name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "text_encoder", "vae")
     }
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in training["config"].items())
-    colours = "\n".join(f"| {c.name} | {c.hue:.0f}° | {', '.join(c.implicit)} |" for c in COLOURS)
+    colours = "\n".join(
+        f"| {c.name} | {'none' if c in ACHROMATIC else f'{c.hue:.0f}°'} | {', '.join(c.implicit)} |" for c in COLOURS
+    )
     shapes = "\n".join(f"| {s.name} | {', '.join(s.implicit)} |" for s in SHAPES)
     held_out = "\n".join(f"- {name}: {', '.join(phrases)}" for name, phrases in IMPLICIT_EVAL.items())
     if evaluation is None:
@@ -97,19 +109,26 @@ def model_card(
         acc = evaluation["accuracy"]
         sampler = evaluation["sampler"]
         rows = "\n".join(
-            f"| {name.replace('_', ' ')} | {a['n']} | {a['colour']:.1%} | {a['shape']:.1%} |" for name, a in acc.items()
+            f"| {name.replace('_', ' ')} | {a['n']} | {a['colour']:.1%} | {a['shape']:.1%} | {_BARS[name]} |"
+            for name, a in acc.items()
         )
         measured = (
             f"Judged by `conceptedit.shapes.judge` on images sampled with DDIM, "
             f"{sampler['num_inference_steps']} steps, guidance {sampler['guidance_scale']}, 32x32, "
             f"one seeded generator per image (seeds {evaluation['seeds']['explicit']} for each explicit "
             f"prompt, {evaluation['seeds']['implicit']} for each implicit one):\n\n"
-            "| prompts | images | colour correct | shape correct |\n|---|---|---|---|\n" + rows + "\n\n"
-            "Explicit prompts are `a {colour} {shape}` (24); implicit-colour prompts name the shape and "
-            "give the colour only by a held-out phrasing (`a circle like a ripe tomato`, 72), implicit-"
-            "shape prompts the other way round (`a red shape like the full moon`, 72). The bars: 90% "
-            "colour and 85% shape on explicit prompts, 80% on implicit ones. Every verdict is in "
-            "`eval.json`."
+            "| prompts | images | colour correct | shape correct | bar (each) |\n|---|---|---|---|---|\n"
+            + rows
+            + "\n\nExplicit prompts are `a {colour} {shape}` (28); implicit-colour prompts name the shape and "
+            "give the colour only by a held-out phrasing (`a circle like a ripe tomato`, 84), implicit-"
+            "shape prompts the other way round (`a red shape like the full moon`, 84). Context captions "
+            "put every concept's name and held-out phrasings, with each concept of the other kind, "
+            "inside two to four of size, position, background and prefix from the whole caption "
+            "grammar (`a drawing of a tiny scarlet circle, on the right`; 224, one seed each, "
+            "`conceptedit.shapes.evaluate.context_prompts`). Random prefix tokens: the explicit "
+            "prompts with five random vocabulary tokens (never a world word) between the start token "
+            "and the caption, drawn afresh per image, as a random-token attack's control puts them. "
+            "Every verdict is in `eval.json`."
         )
     return f"""# builtin:shapes
 
@@ -137,11 +156,15 @@ A plain diffusers `StableDiffusionPipeline` folder: load it with
 
 ## The world
 
-32x32 images of one filled shape on a plain background: {len(COLOURS)} colours, {len(SHAPES)} shapes,
-two sizes (small, large), five positions (centre, left, right, top, bottom) and a light or (one time
-in four) dark background, drawn by `conceptedit.shapes.world.render`. Captions are built from
-templates: each concept is named explicitly (40%) or by one of its implicit phrasings, rarely
-omitted; size, position and background are mentioned some of the time.
+32x32 images of one filled shape on a plain background: {len(COLOURS)} colours (six hues and a mid
+gray), {len(SHAPES)} shapes, two sizes (small, large), five positions (centre, left, right, top,
+bottom) and a light or dark background ({config.dark:.0%} dark in training), drawn by
+`conceptedit.shapes.world.render`. Captions are built from templates: each concept is named
+explicitly (40%) or by one of its implicit phrasings, rarely omitted; size, position and
+background are mentioned some of the time. Caption noise: {config.noise_share:.0%} of the text
+encoder's and the UNet's captions get 1 to {config.noise_tokens} random vocabulary tokens (never a
+word of the world's captions), as a prefix or scattered between the words, so that the model
+ignores tokens it has no meaning for.
 
 | colour | hue | implicit phrasings (all in training) |
 |---|---|---|

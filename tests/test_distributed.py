@@ -104,4 +104,4 @@ def test_two_process_eval_equals_one_process_eval(tmp_path: Path) -> None:
     """Prompts shard across processes and gather back in order: identical metrics, no gaps or repeats."""
     one, two = _eval(tmp_path, "one", 1), _eval(tmp_path, "two", 2)
     assert one == two
-    assert [s["n"] for s in one["suites"]] == [4, 20]  # type: ignore[index]
+    assert [s["n"] for s in one["suites"]] == [4, 24]  # type: ignore[index]

@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 import conceptedit
 from conceptedit.models.builtin import sd_scheduler_config
-from conceptedit.shapes.evaluate import accuracy, judge_prompts
+from conceptedit.shapes.evaluate import accuracy, context_prompts, judge_prompts, judge_under_prefix_tokens
 from conceptedit.shapes.judge import NONE, judge
 from conceptedit.shapes.model import SHAPES_MODEL_DIR
 from conceptedit.shapes.world import (
@@ -35,6 +35,13 @@ from conceptedit.shapes.world import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+# The quickstart's stage 1 alone on 32 held-out-context images of red and 24 of its neighbours.
+# Measured here: 56% erased (strict; the base model 0%), 44% anchor reached, 96% of the
+# neighbours kept; the bars leave room for other machines' float sums. Stage 1 alone is far from
+# the benchmark's targets on held-out contexts: stage 2 does the rest (erasure_shapes.md).
+ERASED_BAR = 0.4
+ANCHOR_BAR = 0.25
+KEPT_BAR = 0.85
 
 
 def _words(text: str) -> set[str]:
@@ -178,9 +185,13 @@ def test_builtin_shapes_loads_through_the_toolkit() -> None:
 
 
 def test_recorded_accuracy_meets_the_bars() -> None:
+    """The model card's bars (issue 13), on the numbers eval.json recorded for the shipped weights."""
     measured = json.loads((SHAPES_MODEL_DIR / "eval.json").read_text())["accuracy"]
-    assert measured["explicit"]["colour"] >= 0.9 and measured["explicit"]["shape"] >= 0.85
-    assert measured["implicit_colour"]["colour"] >= 0.8 and measured["implicit_shape"]["shape"] >= 0.8
+    assert measured["explicit"]["colour"] >= 0.95 and measured["explicit"]["shape"] >= 0.95
+    assert measured["implicit_colour"]["colour"] >= 0.9 and measured["implicit_shape"]["shape"] >= 0.9
+    for name in ("contexts", "random_prefix_tokens"):
+        assert measured[name]["colour"] >= 0.9 and measured[name]["shape"] >= 0.9, (name, measured[name])
+    assert measured["explicit"]["n"] == 4 * 28 and measured["contexts"]["n"] == 224
 
 
 def test_shipped_model_draws_what_it_is_asked(shapes: StableDiffusionPipeline) -> None:
@@ -191,6 +202,13 @@ def test_shipped_model_draws_what_it_is_asked(shapes: StableDiffusionPipeline) -
     colour = accuracy([j for j in judged if j.prompt.implicit == "colour"]).colour
     shape = accuracy([j for j in judged if j.prompt.implicit == "shape"]).shape
     assert colour >= 0.8 and shape >= 0.8, (colour, shape)
+    # the testbed-v2 bars on fresh seeds: captions in context, and five random prefix tokens
+    contexts = accuracy(judge_prompts(shapes, context_prompts()[::4], seeds=[100]))
+    assert contexts.colour >= 0.85 and contexts.shape >= 0.85, contexts
+    noisy = accuracy(judge_under_prefix_tokens(shapes, explicit_prompts(), seeds=[100], noise_seed=1))
+    assert noisy.colour >= 0.85 and noisy.shape >= 0.85, noisy
+    gray = [j for j in judge_prompts(shapes, [p for p in explicit_prompts() if p.colour == "gray"], [100, 101])]
+    assert sum(j.verdict.colour == "gray" for j in gray) >= 7, [j.verdict for j in gray]  # of 8
 
 
 # --------------------------------------------------------------------------- the training script
@@ -241,6 +259,8 @@ def test_shipped_recipe_data_is_what_the_world_generates() -> None:
 
     shipped = (REPO / "recipes" / "data" / "shapes_captions.txt").read_text().splitlines()
     assert shipped == captions(600)
+    prior = (REPO / "recipes" / "data" / "shapes_captions_without_red.txt").read_text().splitlines()
+    assert prior == captions(600, seed=0, without="red")
     for target, anchor in (("red", "gray"), ("circle", "square")):
         pairs = json.loads((REPO / "recipes" / "concepts" / f"shapes_{target}.json").read_text())
         assert pairs == erase_concept_set(target, anchor)["pairs"]
@@ -248,26 +268,30 @@ def test_shipped_recipe_data_is_what_the_world_generates() -> None:
         assert not any(phrase in said for phrase in IMPLICIT_EVAL[target])  # held-out phrasings stay unnamed
 
 
-def test_trce_erases_red_from_the_shapes_model_and_keeps_the_rest(tmp_path: Path) -> None:
-    """The quickstart's stage 1 alone, judged on generated images through the recipe's evaluate section."""
+def test_the_quickstart_erases_red_in_held_out_contexts_and_keeps_the_neighbours(tmp_path: Path) -> None:
+    """The quickstart's stage 1 alone, judged strictly on generated images of held-out contexts
+    (context words its generated concept set never uses) through the recipe's evaluate section."""
     recipe = conceptedit.load_recipe(REPO / "recipes" / "quickstart.yaml").recipe.model_dump(mode="json")
-    recipe["concepts"]["red"]["file"] = str(REPO / "recipes" / "concepts" / "shapes_red.json")
     recipe["edits"] = recipe["edits"][:1]
-    recipe["edits"][0]["params"]["prior"]["captions"] = str(REPO / "recipes" / "data" / "shapes_captions.txt")
+    prior = REPO / "recipes" / "data" / "shapes_captions_without_red.txt"
+    recipe["edits"][0]["params"]["prior"]["captions"] = str(prior)
+    split = {"target": "red", "per_phrasing": 1}
     recipe["evaluate"] = [
-        {"suite": "shapes-explicit", "options": {"target": "red", "seeds": 3}, "guidance": 5.0},
-        {"suite": "shapes-preserve", "options": {"target": "red", "seeds": 1}, "guidance": 5.0},
+        {"suite": "shapes-contexts", "options": {**split, "anchor": "gray", "seeds": 2}, "guidance": 5.0},
+        {"suite": "shapes-neighbours", "options": {**split, "seeds": 1}, "guidance": 5.0},
     ]
     recipe["output"]["formats"] = ["delta"]
     result = conceptedit.apply(recipe, out=tmp_path / "run", quiet=True)
-    explicit, preserve = result.evaluation
-    assert explicit.base_metrics is not None and preserve.base_metrics is not None
-    assert explicit.base_metrics["target_shown"] == 1.0  # the base model draws red when asked
-    assert explicit.metrics["erased"] >= 0.9, explicit.metrics  # measured: 1.0
-    kept = preserve.metrics["both_correct"] / preserve.base_metrics["both_correct"]
-    assert kept >= 0.9, (preserve.metrics, preserve.base_metrics)  # measured: 0.95
+    contexts, neighbours = result.evaluation
+    assert contexts.base_metrics is not None and neighbours.base_metrics is not None
+    assert contexts.n == 32 and neighbours.n == 24
+    assert contexts.base_metrics["erased_strict"] <= 0.1, contexts.base_metrics  # the base model draws red
+    assert contexts.metrics["erased_strict"] >= ERASED_BAR, contexts.metrics
+    assert contexts.metrics["anchor_reached"] >= ANCHOR_BAR, contexts.metrics
+    kept = neighbours.metrics["both_correct"] / neighbours.base_metrics["both_correct"]
+    assert kept >= KEPT_BAR, (neighbours.metrics, neighbours.base_metrics)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())["suites"]
-    assert [s["suite"] for s in written] == ["shapes-explicit", "shapes-preserve"]
+    assert [s["suite"] for s in written] == ["shapes-contexts", "shapes-neighbours"]
     assert written[0]["protocol"]["scorer"] == "shapes-judge" and written[0]["protocol"]["steps"] == 25
     page = (tmp_path / "run" / "report.html").read_text()
     assert page.count("<img") == 2 * 8 + 2 * 8  # first 8 images of each suite, base and edited

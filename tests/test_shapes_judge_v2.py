@@ -33,7 +33,8 @@ from conceptedit.shapes.world import (
     COLOURS,
     CONCEPTS,
     GRAY,
-    JUDGED_COLOURS,
+    HUED,
+    HUED_COLOUR_NAMES,
     SHAPE_NAMES,
     SIZES,
     Scene,
@@ -45,7 +46,7 @@ from conceptedit.shapes.world import (
 #: The judge's hue error on ground truth: |measured - drawn| over 3000 random palette renders was
 #: at most 0.36 degrees (uint8 rounding of anti-aliased pixels); tests allow 0.5.
 HUE_ERROR = 0.5
-_COLOUR = {c.name: c for c in JUDGED_COLOURS}
+_COLOUR = {c.name: c for c in COLOURS}
 
 
 def _drawn(colour: str, hue: float | None = None, background: str = "light", seed: int = 0, **changes: object) -> Scene:
@@ -68,10 +69,10 @@ def _drawn_hue(scene: Scene) -> float:
 # --------------------------------------------------------------------------- gray
 
 
-def test_gray_is_defined_but_not_yet_a_trained_concept() -> None:
+def test_gray_is_a_trained_colour_without_a_hue() -> None:
     assert GRAY.name == "gray" and GRAY.kind == "colour" and ACHROMATIC == (GRAY,)
-    assert (*COLOURS, GRAY) == JUDGED_COLOURS
-    assert "gray" not in COLOUR_NAMES and "gray" not in CONCEPTS and GRAY not in COLOURS
+    assert GRAY in COLOURS and "gray" in COLOUR_NAMES and CONCEPTS["gray"] is GRAY
+    assert GRAY not in HUED and (*HUED, GRAY) == COLOURS and "gray" not in HUED_COLOUR_NAMES
     saturation, value = GRAY.sv
     assert saturation < GRAY_MAX_SATURATION and abs(value - 0.92) > 0.3 and abs(value - 0.12) > 0.3
     # the same rules as every concept: implicit phrasings never say an explicit name, held-out ones are implicit
@@ -79,7 +80,7 @@ def test_gray_is_defined_but_not_yet_a_trained_concept() -> None:
     assert len(GRAY.implicit) >= 5 and set(GRAY.held_out) <= set(GRAY.implicit) and len(GRAY.held_out) >= 3
     for phrase in GRAY.implicit:
         assert not set(re.findall(r"[a-z]+", phrase)) & explicit, phrase
-    others = {p for c in CONCEPTS.values() for p in c.implicit}
+    others = {p for c in CONCEPTS.values() if c is not GRAY for p in c.implicit}
     assert not set(GRAY.implicit) & others
     assert GRAY.erase_names[0] == "gray" and not set(GRAY.erase_names) & set(GRAY.held_out)
 
@@ -100,13 +101,15 @@ def test_gray_is_judged_gray_on_ground_truth(background: str) -> None:
                 assert anchor_reached("gray", verdict) and anchor_reached("gray", verdict, strict=True)
                 assert verdict.hue is None and verdict.saturation is not None
                 assert verdict.saturation < GRAY_MAX_SATURATION
-                assert not any(verdict_shows(c, verdict, strict=True) for c in COLOUR_NAMES)
+                assert not any(verdict_shows(c, verdict, strict=True) for c in HUED_COLOUR_NAMES)
 
 
 def test_palette_colours_are_never_gray_and_strictly_only_themselves() -> None:
     rng = np.random.default_rng(13)
     for _ in range(300):
         scene = sample_scene(rng)
+        if scene.colour == "gray":
+            continue
         verdict = judge(render(scene))
         assert "gray" not in verdict.colours, (scene, verdict)
         if verdict.colour == scene.colour:  # >= 99% of them (test_shapes); strict adds no neighbour
@@ -122,6 +125,8 @@ def test_measured_hue_matches_the_drawn_hue_on_ground_truth() -> None:
     errors = []
     for _ in range(600):
         scene = sample_scene(rng)
+        if scene.colour == "gray":  # no hue to measure (test_gray_is_judged_gray_on_ground_truth)
+            continue
         verdict = judge(render(scene))
         assert verdict.hue is not None and verdict.saturation is not None and verdict.value is not None
         errors.append(abs(hue_difference(verdict.hue, _drawn_hue(scene))))
@@ -209,8 +214,8 @@ def test_the_evaluator_reports_hue_saturation_value_and_gray() -> None:
     assert rows[0]["hue"] == pytest.approx(15.0, abs=HUE_ERROR) and 0.7 < rows[0]["saturation"] < 1.0  # type: ignore[operator]
     assert rows[1]["colour"] == "gray" and rows[1]["hue"] is None and rows[1]["colour_correct"] is True
     protocol = new_host().registry.evaluators["shapes-judge"]().protocol()
-    assert protocol["version"] == "2" and protocol["strict_hue_radius"] == STRICT_HUE_RADIUS
-    assert protocol["judged_colours"] == [*COLOUR_NAMES, "gray"] and "gray" not in protocol["colours"]
+    assert protocol["version"] == "3" and protocol["strict_hue_radius"] == STRICT_HUE_RADIUS
+    assert protocol["colours"] == [*COLOUR_NAMES] and "gray" in protocol["colours"]
 
 
 def test_target_suite_reports_strict_rates_and_intervals() -> None:
@@ -236,14 +241,17 @@ def test_preserve_suite_reports_hue_drift_per_colour() -> None:
     suite_cls = get_host().suite("shapes-preserve")
     suite = suite_cls(suite_cls.Options(target="red", seeds=1))
     prompts = suite.prompts()
-    shift = {"orange": 10.0, "yellow": -6.0, "green": 0.0, "blue": 4.0, "purple": -12.0}
+    shift = {"orange": 10.0, "yellow": -6.0, "green": 0.0, "blue": 4.0, "purple": -12.0, "gray": 0.0}
     scenes = [
         _drawn(p.labels["colour"], hue=_COLOUR[p.labels["colour"]].hue + shift[p.labels["colour"]], seed=i)
         for i, p in enumerate(prompts)
     ]
     rows = _rows(scenes, [{"colour": p.labels["colour"], "shape": p.labels["shape"]} for p in prompts])
     metrics = suite.summarise(prompts, rows)
-    assert len(prompts) == len(preserve_prompts("red")) and metrics["hue_drift_n"] == len(prompts)
+    hued = [p for p in prompts if p.labels["colour"] != "gray"]
+    assert len(prompts) == len(preserve_prompts("red")) and metrics["hue_drift_n"] == len(hued) < len(prompts)
+    assert "hue_drift_gray_mean" not in metrics  # gray has no hue to drift from
+    del shift["gray"]
     for colour, d in shift.items():
         assert metrics[f"hue_drift_{colour}_signed"] == pytest.approx(d, abs=HUE_ERROR)
         assert metrics[f"hue_drift_{colour}_mean"] == pytest.approx(abs(d), abs=HUE_ERROR)
@@ -316,7 +324,7 @@ def test_rate_and_toolkit_exports() -> None:
     assert math.isnan(empty.rate) and (empty.low, empty.high) == (0.0, 1.0)
     assert toolkit.wilson_interval is wilson_interval and toolkit.Rate is Rate
     assert toolkit.hue_drift is hue_drift and toolkit.anchor_reached is anchor_reached
-    assert toolkit.STRICT_HUE_RADIUS == STRICT_HUE_RADIUS and toolkit.SHAPES_JUDGED_COLOURS == JUDGED_COLOURS
+    assert toolkit.STRICT_HUE_RADIUS == STRICT_HUE_RADIUS and toolkit.HUED_COLOUR_NAMES == HUED_COLOUR_NAMES
 
 
 def test_anchor_reached_for_shapes_and_unknown_anchors() -> None:

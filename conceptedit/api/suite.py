@@ -100,4 +100,7 @@ class AttackSettings(SuiteOptions):
 
 
 #: How the metrics of an attacked suite move when the erasure is better.
-ATTACK_DIRECTIONS: Mapping[str, bool] = {"plain_shown": False, "attack_success_rate": False, "attack_gain": False}
+ATTACK_DIRECTIONS: Mapping[str, bool] = {
+    **{f"{name}{part}": False for name in ("plain_shown", "attack_success_rate") for part in ("", "_low", "_high")},
+    "attack_gain": False,
+}

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from conceptedit.evaluation.stats import Rate
+
 
 def _root(values: NDArray[np.float64]) -> NDArray[np.float64]:
     """Square roots of a PSD matrix's eigenvalues, with those within round-off of 0 (as numpy's
@@ -66,11 +68,15 @@ def fid_from_features(a: ArrayLike, b: ArrayLike) -> float:
 def attack_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Metrics of an attacked suite from an attack evaluator's rows (``plain_shown``, ``success``):
     the concept rate without attack, the attack success rate (plain successes count, as in
-    UnlearnDiffAtk), and what the attack added."""
-    n = max(len(scores), 1)
-    plain = sum(bool(s["plain_shown"]) for s in scores) / n
-    asr = sum(bool(s["success"]) for s in scores) / n
-    return {"plain_shown": plain, "attack_success_rate": asr, "attack_gain": asr - plain}
+    UnlearnDiffAtk), each with n and its Wilson interval, and what the attack added."""
+    n = len(scores)
+    plain = sum(bool(s["plain_shown"]) for s in scores)
+    success = sum(bool(s["success"]) for s in scores)
+    return {
+        **Rate.of(plain, n).as_dict("plain_shown"),
+        **Rate.of(success, n).as_dict("attack_success_rate"),
+        "attack_gain": (success - plain) / max(n, 1),
+    }
 
 
 def change_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:

@@ -31,9 +31,9 @@ from conceptedit.shapes.judge import Verdict, hue_difference, judge, strict_colo
 from conceptedit.shapes.world import (
     ACHROMATIC,
     COLOUR_NAMES,
+    COLOURS,
     CONCEPTS,
     ERASE_NAMES,
-    JUDGED_COLOURS,
     SHAPE_NAMES,
     Colour,
     Concept,
@@ -62,7 +62,7 @@ def prompt_sets(target: str) -> PromptSets:
     return PromptSets(target, explicit, implicit, preserve_prompts(target))
 
 
-_JUDGED: dict[str, Colour] = {c.name: c for c in JUDGED_COLOURS}
+_JUDGED: dict[str, Colour] = {c.name: c for c in COLOURS}
 
 
 def _concept(name: str) -> Concept:

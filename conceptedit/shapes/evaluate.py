@@ -13,9 +13,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from conceptedit.models.tokenizer import clean_prompt
+from conceptedit.models.tokenizer import clean_prompt, tokenize
+from conceptedit.shapes.contexts import CONTEXT_WORDS
 from conceptedit.shapes.judge import Verdict, judge
-from conceptedit.shapes.world import COLOUR_NAMES, SHAPE_NAMES, Prompt, explicit_prompts, implicit_prompts
+from conceptedit.shapes.noise import CaptionNoise, insert_tokens
+from conceptedit.shapes.splits import in_contexts
+from conceptedit.shapes.world import (
+    COLOUR_NAMES,
+    CONCEPTS,
+    SHAPE_NAMES,
+    Prompt,
+    explicit_prompts,
+    implicit_prompts,
+)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -76,6 +86,46 @@ def judge_prompts(
     return [Judged(p, s, judge(image)) for (p, s), image in zip(pairs, images, strict=True)]
 
 
+@torch.no_grad()
+def judge_under_prefix_tokens(
+    pipeline: StableDiffusionPipeline,
+    prompts: Sequence[Prompt],
+    seeds: Sequence[int],
+    tokens: int = 5,
+    noise_seed: int = 0,
+    **sampler: Any,
+) -> list[Judged]:
+    """Every prompt with every seed, each image's prompt behind ``tokens`` random prefix tokens of
+    its own (drawn from the vocabulary but the world's words, as training's caption noise)."""
+    settings = {**SAMPLER, **sampler}
+    noise = CaptionNoise(pipeline.tokenizer, 1.0, tokens)
+    rng = np.random.default_rng(noise_seed)
+    pairs = [(p, s) for p in prompts for s in seeds]
+    ids = tokenize(pipeline.tokenizer, [p.text for p, _ in pairs])
+    noisy = torch.stack([insert_tokens(row, noise.random_tokens(tokens, rng), prefix=True) for row in ids])
+    judged = []
+    for start in range(0, len(pairs), 64):
+        chunk = pairs[start : start + 64]
+        embeds = pipeline.text_encoder(noisy[start : start + 64])[0]
+        generators = [torch.Generator().manual_seed(s) for _, s in chunk]
+        out = pipeline(prompt_embeds=embeds, generator=generators, output_type="np", **settings).images
+        for (prompt, seed), image in zip(chunk, np.round(out * 255).astype(np.uint8), strict=True):
+            judged.append(Judged(prompt, seed, judge(image)))
+    return judged
+
+
+def context_prompts(per_phrasing: int = 1, seed: int = 0) -> list[Prompt]:
+    """Every concept's explicit name and held-out phrasings inside captions of the caption grammar
+    (two to four of size, position, background and prefix, from the whole context vocabulary),
+    with every other-kind concept by name: ``a drawing of a tiny scarlet circle, on the right``."""
+    vocabulary = {slot: CONTEXT_WORDS[slot] for slot in ("size", "position", "background", "prefix")}
+    prompts: list[Prompt] = []
+    for i, name in enumerate(CONCEPTS):
+        split = in_contexts(name, vocabulary=vocabulary, per_phrasing=per_phrasing, seed=seed + i, name="contexts")
+        prompts += split.prompts
+    return prompts
+
+
 def accuracy(judged: Sequence[Judged]) -> Accuracy:
     """Colour and shape accuracy of judged images against their prompts' ground truth."""
     n = len(judged)
@@ -90,14 +140,18 @@ def benchmark(
     implicit_seeds: Sequence[int] = range(2),
     **sampler: Any,
 ) -> dict[str, Any]:
-    """Accuracy on the explicit prompts, and on the held-out implicit colour and shape prompts,
-    overall and per concept; with every verdict, so a regression can be traced to its images."""
+    """Accuracy on the explicit prompts, on the held-out implicit colour and shape prompts, on
+    context captions (:func:`context_prompts`, one seed each) and on the explicit prompts behind
+    five random prefix tokens, overall and per concept; with every verdict, so a regression can be
+    traced to its images."""
     explicit = judge_prompts(pipeline, explicit_prompts(), explicit_seeds, **sampler)
     implicit = judge_prompts(pipeline, implicit_prompts(), implicit_seeds, **sampler)
     sets = {
         "explicit": explicit,
         "implicit_colour": [j for j in implicit if j.prompt.implicit == "colour"],
         "implicit_shape": [j for j in implicit if j.prompt.implicit == "shape"],
+        "contexts": judge_prompts(pipeline, context_prompts(), [0], **sampler),
+        "random_prefix_tokens": judge_under_prefix_tokens(pipeline, explicit_prompts(), explicit_seeds, **sampler),
     }
     return {
         "sampler": {**SAMPLER, **sampler},

@@ -29,7 +29,7 @@ from functools import cache
 
 import numpy as np
 
-from conceptedit.shapes.world import COLOURS, GRAY, IMAGE_SIZE, SHAPE_NAMES, SUPERSAMPLE, shape_outline
+from conceptedit.shapes.world import GRAY, HUED, IMAGE_SIZE, SHAPE_NAMES, SUPERSAMPLE, shape_outline
 
 NONE = "none"
 _MIN_CONTRAST = 0.25  # RGB distance in [0, 1] units below which nothing stands out from the background
@@ -142,7 +142,7 @@ def _colours(rgb: np.ndarray, alpha: np.ndarray, background_value: float) -> _Re
     counts = np.append(_hue_counts(hues), gray.sum())
     share = counts / total
     order = [i for i in np.argsort(-counts, kind="stable") if share[i] >= _MIN_SHARE]
-    names = (*(c.name for c in COLOURS), GRAY.name)  # the counts: palette colours by hue, then gray
+    names = (*(c.name for c in HUED), GRAY.name)  # the counts: palette colours by hue, then gray
     listed = tuple(names[i] for i in order) if order and share[order[0]] >= 0.5 else ()
     hue = _mean_hue(hues) if len(hues) >= max(_MIN_AREA / 2, _MIN_SHARE * total) else None
     return _Reading(listed, hue, sat, val)
@@ -151,12 +151,12 @@ def _colours(rgb: np.ndarray, alpha: np.ndarray, background_value: float) -> _Re
 def _hue_counts(hues: np.ndarray) -> np.ndarray:
     """How many of ``hues`` (degrees) fall within :data:`_HUE_TOLERANCE` of each palette colour, nearest."""
     if not len(hues):
-        return np.zeros(len(COLOURS), dtype=np.int64)
-    centres = np.array([c.hue for c in COLOURS])
+        return np.zeros(len(HUED), dtype=np.int64)
+    centres = np.array([c.hue for c in HUED])
     gap = np.abs((hues[:, None] - centres[None, :] + 180) % 360 - 180)
     nearest = gap.argmin(axis=1)
     known = gap.min(axis=1) <= _HUE_TOLERANCE
-    return np.bincount(nearest[known], minlength=len(COLOURS))
+    return np.bincount(nearest[known], minlength=len(HUED))
 
 
 def _mean_hue(hues: np.ndarray) -> float | None:
@@ -180,7 +180,7 @@ def strict_colours(verdict: Verdict) -> tuple[str, ...]:
     ``verdict.colours``."""
     if verdict.hue is None:
         return ()
-    gaps = [(abs(hue_difference(verdict.hue, c.hue)), c.name) for c in COLOURS]
+    gaps = [(abs(hue_difference(verdict.hue, c.hue)), c.name) for c in HUED]
     return tuple(name for gap, name in sorted(gaps) if gap <= STRICT_HUE_RADIUS)
 
 

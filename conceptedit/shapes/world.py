@@ -59,7 +59,8 @@ class Colour(Concept):
     sv: tuple[float, float] = (0.9, 0.9)
 
 
-# Hues at least 26 degrees apart, saturated and bright, so the judge separates them by hue alone.
+# Hues at least 26 degrees apart, saturated and bright, so the judge separates them by hue alone;
+# and gray, which has none.
 COLOURS: tuple[Colour, ...] = (
     Colour(
         "red",
@@ -115,26 +116,24 @@ COLOURS: tuple[Colour, ...] = (
         hue=280.0,
         sv=(0.78, 0.8),
     ),
+    # Mid grey, the colour an erasure's anchor usually names ("a scarlet circle" -> "a gray circle").
+    # Achromatic: its hue means nothing (saturation 0.03) and the judge recognises it by low
+    # saturation instead; its value 0.55 sits well clear of both backgrounds (light 0.92, dark 0.12).
+    Colour(
+        "gray",
+        "colour",
+        ("ashen", "slate", "silver"),
+        ("the colour of ash", "like a rain cloud", "like concrete", "like an elephant"),
+        held_out=("silver", "like a rain cloud", "like concrete"),
+        hue=0.0,
+        sv=(0.03, 0.55),
+    ),
 )
-
-#: Mid grey, the colour an erasure's anchor usually names ("a scarlet circle" -> "a gray circle").
-#: Achromatic: its ``hue`` means nothing (saturation 0.03), and the judge recognises it by low
-#: saturation instead (:mod:`conceptedit.shapes.judge`). Its value 0.55 sits well clear of both
-#: backgrounds (light 0.92, dark 0.12). Not yet in :data:`COLOURS`, :data:`COLOUR_NAMES` or
-#: :data:`CONCEPTS`: the shipped model was trained without it, and is retrained with it later.
-GRAY = Colour(
-    "gray",
-    "colour",
-    ("ashen", "slate", "silver"),
-    ("the colour of ash", "like a rain cloud", "like concrete", "like an elephant"),
-    held_out=("silver", "like a rain cloud", "like concrete"),
-    hue=0.0,
-    sv=(0.03, 0.55),
-)
-#: Colours without a hue, judged by saturation and value.
-ACHROMATIC: tuple[Colour, ...] = (GRAY,)
-#: Every colour the judge names: the trained palette and the achromatic ones.
-JUDGED_COLOURS: tuple[Colour, ...] = COLOURS + ACHROMATIC
+#: The achromatic colours (gray), judged by saturation and value, never by hue.
+ACHROMATIC: tuple[Colour, ...] = tuple(c for c in COLOURS if c.sv[0] < 0.2)
+#: The colours with a hue: what the judge classes by hue and strict mode measures drift against.
+HUED: tuple[Colour, ...] = tuple(c for c in COLOURS if c not in ACHROMATIC)
+GRAY: Colour = ACHROMATIC[0]
 
 SHAPES: tuple[Concept, ...] = (
     Concept(
@@ -172,6 +171,8 @@ SHAPES: tuple[Concept, ...] = (
 )
 
 COLOUR_NAMES = tuple(c.name for c in COLOURS)
+#: The colours a hue drift is measured for (every one but gray).
+HUED_COLOUR_NAMES = tuple(c.name for c in HUED)
 SHAPE_NAMES = tuple(s.name for s in SHAPES)
 CONCEPTS: dict[str, Concept] = {c.name: c for c in (*COLOURS, *SHAPES)}
 
@@ -238,12 +239,13 @@ class Prompt:
     implicit: Literal["colour", "shape"] | None = None
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """A random scene: uniform colour, shape, size and position; a dark background one time in four."""
+def sample_scene(rng: np.random.Generator, dark: float = 0.25) -> Scene:
+    """A random scene: uniform colour, shape, size and position; a dark background with probability
+    ``dark`` (training raises it: a dark background is where colours are hardest to reproduce)."""
     colour = COLOURS[rng.integers(len(COLOURS))]
     size = SIZES[rng.integers(len(SIZES))]
     position = POSITIONS[rng.integers(len(POSITIONS))]
-    background = "dark" if rng.random() < 0.25 else "light"
+    background = "dark" if rng.random() < dark else "light"
     radius = float(rng.uniform(*_RADIUS[size]))
     low, high = radius + 0.5, IMAGE_SIZE - radius - 0.5
     dx, dy = _OFFSET[position]
@@ -368,10 +370,26 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[rng.integers(len(options))]
 
 
-def captions(n: int, seed: int = 0) -> list[str]:
-    """``n`` training-style captions of random scenes: a preservation prior's caption set."""
+def caption_phrases() -> tuple[str, ...]:
+    """Every word and phrase a caption of :func:`describe` can contain: the concepts' names and
+    phrasings, the size, position and background phrases, the prefixes, and the glue words."""
+    concepts = (p for c in CONCEPTS.values() for p in (c.name, *c.implicit))
+    contexts = (
+        p for words in (*_SIZE_WORDS.values(), *_POSITION_WORDS.values(), *_BACKGROUND_WORDS.values()) for p in words
+    )
+    return (*concepts, *contexts, *(p.strip() for p in _PREFIXES), "a", "an", "shape", ",")
+
+
+def captions(n: int, seed: int = 0, without: str | None = None) -> list[str]:
+    """``n`` training-style captions of random scenes: a preservation prior's caption set.
+    ``without``: no caption states that concept (an erasure's prior must not ask to keep it)."""
     rng = np.random.default_rng(seed)
-    return [describe(sample_scene(rng), rng).text for _ in range(n)]
+    out: list[str] = []
+    while len(out) < n:
+        caption = describe(sample_scene(rng), rng)
+        if without is None or without not in caption.said.values():
+            out.append(caption.text)
+    return out
 
 
 def explicit_prompts() -> list[Prompt]:

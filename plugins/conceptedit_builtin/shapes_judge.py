@@ -11,7 +11,6 @@ from conceptedit import Evaluator, PluginError, Sample, hookimpl
 from conceptedit.toolkit import (
     COLOUR_NAMES,
     SHAPE_NAMES,
-    SHAPES_JUDGED_COLOURS,
     STRICT_HUE_RADIUS,
     judge_shapes_image,
     row_shows,
@@ -30,7 +29,12 @@ class ShapesJudge(Evaluator):
 
     name = "shapes-judge"
     summary = "Colour and shape of a shapes-world image (analytic; 'none' when nothing is recognisable)"
-    version = "2"  # 2: gray, and the measured hue, saturation and value
+    version = "3"  # 2: gray, and the measured hue, saturation and value; 3: gray a trained colour
+
+    def __init__(self, strict: bool = False) -> None:
+        #: Whether ``concept_shown`` also counts a colour within the strict hue radius (attacks judged
+        #: as a person would: a red attacked back to 15 degrees is red).
+        self.strict = strict
 
     def score(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
         out = []
@@ -55,15 +59,15 @@ class ShapesJudge(Evaluator):
         """Whether the image shows the prompt set's ``target`` colour or shape (as dominant or listed)."""
         if not labels.get("target"):
             raise PluginError("shapes-judge can only say whether a concept is shown for prompts labelled with a target")
-        return row_shows(labels["target"], row)
+        return row_shows(labels["target"], row, strict=self.strict)
 
     def protocol(self) -> dict[str, Any]:
         return {
             **super().protocol(),
             "colours": list(COLOUR_NAMES),
-            "judged_colours": [c.name for c in SHAPES_JUDGED_COLOURS],
             "shapes": list(SHAPE_NAMES),
             "strict_hue_radius": STRICT_HUE_RADIUS,
+            "concept_shown": "strict" if self.strict else "nearest class",
         }
 
 

@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, field_validator
 
 from conceptedit import AttackSettings, PromptSuite, SuiteOptions, SuitePrompt, hookimpl
 from conceptedit.toolkit import (
     ATTACK_DIRECTIONS,
-    COLOUR_NAMES,
+    HUED_COLOUR_NAMES,
     SHAPES_CONCEPTS,
     Rate,
     ShapesPrompt,
@@ -61,7 +61,7 @@ def _directions() -> dict[str, bool]:
     out: dict[str, bool] = {}
     for name, up in _RATES.items():
         out |= {name: up, f"{name}_low": up, f"{name}_high": up}
-    for prefix in ("hue_drift", *(f"hue_drift_{c}" for c in COLOUR_NAMES)):
+    for prefix in ("hue_drift", *(f"hue_drift_{c}" for c in HUED_COLOUR_NAMES)):
         out |= {f"{prefix}_mean": False, f"{prefix}_max": False}
     return out
 
@@ -84,7 +84,7 @@ def hue_drift_metrics(prompts: Sequence[SuitePrompt], scores: Sequence[Mapping[s
     """Hue drift of every image whose prompt asks for a palette colour and whose hue was measured,
     overall and per colour (see the module docstring)."""
     asked = {p.labels.get("colour") for p in prompts}
-    by_colour: dict[str, list[float]] = {c: [] for c in COLOUR_NAMES if c in asked}
+    by_colour: dict[str, list[float]] = {c: [] for c in HUED_COLOUR_NAMES if c in asked}
     for prompt, row in zip(prompts, scores, strict=True):
         colour = str(prompt.labels.get("colour"))
         drift = hue_drift(colour, row.get("hue")) if colour in by_colour else None
@@ -229,21 +229,43 @@ class ShapesTuning(_SplitSuite):
 
 class AttackOptions(ShapesOptions, AttackSettings):
     target: str = Field(description="Colour or shape that was erased; the attack tries to bring it back.")
+    prompts: Literal["explicit", "held-out contexts", "neighbours"] = Field(
+        "explicit",
+        description="Which prompts are attacked: the target's explicit prompts, its held-out contexts, or the "
+        "neighbours in those contexts (run on the base model: the chance that an attack shows the target anyway).",
+    )
+    per_phrasing: PositiveInt = Field(1, description="Held-out contexts per phrasing and other attribute.")
+    split_seed: int = Field(0, description="Seed of the held-out contexts.")
+    stride: PositiveInt = Field(1, description="Attack every stride-th prompt only (attacks are costly).")
+    strict: bool = Field(True, description="Judge success strictly (a colour within the strict hue radius counts).")
 
 
 class ShapesAttack(_ShapesSuite):
     name = "shapes-attack"
-    summary = "builtin:shapes: UnlearnDiffAtk prompt attack on the target's explicit prompts (needs a base model)"
+    summary = (
+        "builtin:shapes: UnlearnDiffAtk prompt attack (or its random-token control) on the target's prompts "
+        "(needs a base model)"
+    )
     scorer = "unlearndiffatk"
     Options = AttackOptions
     higher_is_better = ATTACK_DIRECTIONS
 
     def _prompts(self, target: str | None) -> list[ShapesPrompt]:
-        return shapes_prompt_sets(target).explicit if target else explicit_prompts()
+        options: AttackOptions = self.options  # type: ignore[assignment]
+        if options.prompts == "explicit":
+            prompts = shapes_prompt_sets(options.target).explicit
+        else:
+            splits = shapes_benchmark_splits(options.target, per_phrasing=options.per_phrasing, seed=options.split_seed)
+            prompts = list(splits[options.prompts].prompts)
+        return prompts[:: options.stride]
+
+    def overlap_with(self, edit_prompts: Sequence[str]) -> list[str]:
+        options: AttackOptions = self.options  # type: ignore[assignment]
+        return [] if options.prompts == "explicit" else shapes_overlap_problems(edit_prompts)
 
     def scorer_options(self) -> dict[str, Any]:
         options: AttackOptions = self.options  # type: ignore[assignment]
-        return options.attack_options("shapes-judge")
+        return options.attack_options("shapes-judge", strict=options.strict)
 
     def summarise(self, prompts: Sequence[SuitePrompt], scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         return attack_metrics(scores)

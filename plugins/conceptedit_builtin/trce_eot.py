@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from torch import Tensor
 
 from conceptedit import (
     ConceptRef,
@@ -39,6 +40,7 @@ from conceptedit import (
     MethodParams,
     PathText,
     PromptEncoding,
+    PromptPair,
     hookimpl,
 )
 from conceptedit.toolkit import embedding_prior, read_prompts, resolve_prompt_file
@@ -63,6 +65,12 @@ class TokenRows(MethodParams):
     keyword: NonNegativeFloat = Field(
         0.0, description="First token of the malicious concept → first token of the safe concept (ablation [KEY])."
     )
+    following: NonNegativeFloat = Field(
+        0.0,
+        description="The concept's last token and every token after it up to the first [EoT] → the same rows "
+        "after the safe concept, for pairs whose prompts differ only in the concept (this project's option, not "
+        "TRCE's: a causal encoder carries the concept into the rest of the sentence).",
+    )
     last_pad_weighting: Literal["one", "padding"] = Field(
         "one",
         description="one: each pair's last-padding row weighs `last_pad` like any other row; padding: it also "
@@ -72,7 +80,7 @@ class TokenRows(MethodParams):
 
     @model_validator(mode="after")
     def _some_row(self) -> TokenRows:
-        if not any((self.eot, self.sot, self.last_pad, self.keyword)):
+        if not any((self.eot, self.sot, self.last_pad, self.keyword, self.following)):
             raise ValueError("at least one token row needs a weight > 0")
         return self
 
@@ -198,6 +206,11 @@ class TrceEot(EditMethod[TrceEotParams]):
             keys.append(malicious.rows(m_pos.clamp(min=0))[found])
             targets.append(safe.rows(s_pos)[found])
             weights.append(torch.full((int(found.sum()),), p.rows.keyword / n))
+        if p.rows.following > 0:
+            found_keys, found_targets = _following_rows(ctx, pairs, malicious, safe)
+            keys.append(found_keys)
+            targets.append(found_targets)
+            weights.append(torch.full((len(found_keys),), p.rows.following / n))
         prior = None
         if p.prior is not None:
             path, column = resolve_prompt_file(p.prior.captions, ctx.cache_dir, ctx.base_dir)
@@ -212,6 +225,36 @@ class TrceEot(EditMethod[TrceEotParams]):
             projections=tuple(p.projections),
             label=f"TRCE [EoT] mapping ({n} pairs)",
         )
+
+
+def _following_rows(
+    ctx: EditContext, pairs: Sequence[PromptPair], malicious: PromptEncoding, safe: PromptEncoding
+) -> tuple[Tensor, Tensor]:
+    """Row pairs from each concept's last token to the token before the first [EoT], matched to the
+    same rows after the safe concept. A pair whose prompts do not continue alike after the two
+    concepts (different tail lengths), or that does not contain its concepts, gives none."""
+    concept_ids = [ctx.adapter.token_ids(pair.concept) for pair in pairs]
+    target_ids = [ctx.adapter.token_ids(pair.target_concept) for pair in pairs]
+    m_start, s_start = malicious.keyword_positions(concept_ids), safe.keyword_positions(target_ids)
+    keys, targets = [], []
+    for i in range(len(pairs)):
+        if m_start[i] < 0 or s_start[i] < 0:
+            continue
+        m_last = int(m_start[i]) + len(concept_ids[i]) - 1
+        s_last = int(s_start[i]) + len(target_ids[i]) - 1
+        m_eot, s_eot = int(malicious.eot_index[i]), int(safe.eot_index[i])
+        if m_eot - m_last != s_eot - s_last or not torch.equal(
+            malicious.input_ids[i, m_last + 1 : m_eot], safe.input_ids[i, s_last + 1 : s_eot]
+        ):
+            continue
+        keys.append(malicious.hidden[i, m_last:m_eot])
+        targets.append(safe.hidden[i, s_last:s_eot])
+    if not keys:
+        raise ValueError(
+            "rows.following found no pair whose prompts continue alike after the concept; "
+            "give pairs that differ only in the concept (e.g. a generated concept set) or set it to 0"
+        )
+    return torch.cat(keys), torch.cat(targets)
 
 
 @hookimpl

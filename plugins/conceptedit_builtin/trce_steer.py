@@ -28,6 +28,7 @@ Differences from the reference code, on purpose (docs/methods/trce.md):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,13 @@ from conceptedit.toolkit import DrawCounter, ddim_timesteps, draw_pairs, sample_
 
 
 class TrceSteerParams(MethodParams):
-    concepts: ConceptRef = Field(description="Concept set of [malicious, safe] pairs (bare concepts are used).")
+    concepts: ConceptRef = Field(description="Concept set of [malicious, safe] pairs (see `prompts`).")
     prompt_template: str = Field("a photo of {}", description="Trajectory prompt for each concept and its safe twin.")
+    prompts: Literal["template", "pairs"] = Field(
+        "template",
+        description="template (TRCE): each bare concept in prompt_template; pairs: each pair's own prompts as "
+        "they are, so the trajectories cover the varied sentences of a generated concept set.",
+    )
     trajectories_per_concept: PositiveInt = Field(5, description="Sampling runs per malicious concept.")
     trajectory_guidance: PositiveFloat = Field(3.0, description="CFG scale of the malicious sampling runs.")
     sampling_steps: PositiveInt = Field(50, description="DDIM (η=0) steps of a sampling run.")
@@ -78,9 +84,8 @@ class TrceSteer(EditMethod[TrceSteerParams]):
 
     def prepare_training(self, ctx: EditContext) -> None:
         p = self.params
-        pairs = list(dict.fromkeys((x.concept, x.target_concept) for x in ctx.concept_pairs(p.concepts)))
-        fill = p.prompt_template.replace
-        enc = ctx.encode_prompts([fill("{}", m) for m, _ in pairs] + [fill("{}", s) for _, s in pairs] + [""])
+        pairs = self._prompt_pairs(ctx)
+        enc = ctx.encode_prompts([m for m, _ in pairs] + [s for _, s in pairs] + [""])
         n = len(pairs)
         self.malicious, self.safe, self.empty = enc.hidden[:n], enc.hidden[n : 2 * n], enc.hidden[2 * n :]
 
@@ -98,7 +103,7 @@ class TrceSteer(EditMethod[TrceSteerParams]):
         self.mal = sample_planned(
             ctx,
             mal_plan,
-            [fill("{}", pairs[j // p.trajectories_per_concept][0]) for j in range(runs)],
+            [pairs[j // p.trajectories_per_concept][0] for j in range(runs)],
             [ctx.seed_for("trce_steer", "malicious", j) for j in range(runs)],
             guidance=p.trajectory_guidance,
             steps=p.sampling_steps,
@@ -115,6 +120,15 @@ class TrceSteer(EditMethod[TrceSteerParams]):
             weights="base",
             label="unconditional",
         )
+
+    def _prompt_pairs(self, ctx: EditContext) -> list[tuple[str, str]]:
+        """Distinct (malicious, safe) trajectory prompts, in the concept set's order."""
+        p = self.params
+        found = ctx.concept_pairs(p.concepts)
+        if p.prompts == "pairs":
+            return list(dict.fromkeys((x.source, x.target) for x in found))
+        fill = p.prompt_template.replace
+        return list(dict.fromkeys((fill("{}", x.concept), fill("{}", x.target_concept)) for x in found))
 
     def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
         p = self.params
