@@ -1,13 +1,6 @@
-"""Measuring an erasure on the shapes world: how far the concept is gone, how much else is kept.
-
-For a target concept (a colour or a shape) and an edited pipeline, next to the base model:
-
-* explicit erase rate -- share of images for prompts naming the target in which the judge no
-  longer finds it;
-* implicit erase rate -- the same over held-out implicit phrasings that no recipe names;
-* preserved -- judge accuracy (colour and shape both right) on prompts without the target, as a
-  fraction of the base model's accuracy on the same prompts and seeds;
-* unchanged -- mean absolute pixel difference (0-1) from the base model's image for those prompts.
+"""Judging an erasure on the shapes world: whether an image still shows a concept, whether it shows
+the anchor instead, and how far a kept colour's hue drifted; plus the prompt sets per target and
+the concept sets the shipped recipes' pair files are generated from.
 
 Whether an image shows a colour is judged in one of two modes. The default (nearest) mode takes
 the judge's classes: a red that drifted to 15 degrees is "orange", so red counts as erased. Strict
@@ -20,13 +13,12 @@ image shows the anchor instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from conceptedit.shapes.evaluate import generate
 from conceptedit.shapes.judge import Verdict, hue_difference, judge, strict_colours
 from conceptedit.shapes.world import (
     ACHROMATIC,
@@ -131,61 +123,6 @@ def hue_drift(colour: str, hue: float | None) -> float | None:
     if hue is None or not isinstance(concept, Colour) or concept in ACHROMATIC:
         return None
     return hue_difference(hue, concept.hue)
-
-
-def images_for(pipeline: Any, prompts: Sequence[Prompt], seeds: Sequence[int], **sampler: Any) -> np.ndarray:
-    """Images for every (prompt, seed) pair, prompts outer, seeds inner."""
-    pairs = [(p.text, s) for p in prompts for s in seeds]
-    return generate(pipeline, [t for t, _ in pairs], [s for _, s in pairs], **sampler)
-
-
-def _correct(prompts: Sequence[Prompt], seeds: Sequence[int], images: np.ndarray) -> np.ndarray:
-    expected = [p for p in prompts for _ in seeds]
-    verdicts = [judge(image) for image in images]
-    return np.array([v.colour == p.colour and v.shape == p.shape for v, p in zip(verdicts, expected, strict=True)])
-
-
-@dataclass
-class BaseImages:
-    """The base model's images for one target's prompt sets (computed once, reused per recipe)."""
-
-    sets: PromptSets
-    seeds: list[int]
-    explicit: np.ndarray
-    implicit: np.ndarray
-    preserve: np.ndarray
-
-    @classmethod
-    def generate(cls, pipeline: Any, target: str, seeds: Sequence[int], **sampler: Any) -> BaseImages:
-        sets = prompt_sets(target)
-        seeds = list(seeds)
-        return cls(
-            sets,
-            seeds,
-            *(images_for(pipeline, getattr(sets, k), seeds, **sampler) for k in ("explicit", "implicit", "preserve")),
-        )
-
-
-def measure(pipeline: Any, base: BaseImages, **sampler: Any) -> dict[str, Any]:
-    """The four numbers for ``pipeline`` against ``base`` (see the module docstring)."""
-    sets, seeds, target = base.sets, base.seeds, base.sets.target
-    explicit = images_for(pipeline, sets.explicit, seeds, **sampler)
-    implicit = images_for(pipeline, sets.implicit, seeds, **sampler)
-    preserve = images_for(pipeline, sets.preserve, seeds, **sampler)
-    base_acc = float(_correct(sets.preserve, seeds, base.preserve).mean())
-    acc = float(_correct(sets.preserve, seeds, preserve).mean())
-    return {
-        "target": target,
-        "explicit_erase": float(np.mean([not shows(target, im) for im in explicit])),
-        "implicit_erase": float(np.mean([not shows(target, im) for im in implicit])),
-        "base_explicit_erase": float(np.mean([not shows(target, im) for im in base.explicit])),
-        "base_implicit_erase": float(np.mean([not shows(target, im) for im in base.implicit])),
-        "preserved": acc / base_acc if base_acc > 0 else float("nan"),
-        "preserve_accuracy": acc,
-        "base_preserve_accuracy": base_acc,
-        "unchanged_pixel_difference": float(np.abs(preserve.astype(np.float64) - base.preserve).mean() / 255),
-        "n": {"explicit": len(explicit), "implicit": len(implicit), "preserve": len(preserve)},
-    }
 
 
 def erase_concept_set(target: str, anchor: str) -> dict[str, Any]:
