@@ -33,13 +33,14 @@ def test_splits_are_reproducible_disjoint_and_built_from_their_own_words(target:
     for text in contexts.texts:
         assert mentions_any(text, HELD_OUT_WORDS), text  # every prompt carries held-out context
         assert not mentions_any(text, TUNING_WORDS), text
-    for text in tuning.texts:
+    for text in (*tuning.texts, *splits["tuning neighbours"].texts):
         assert not mentions_any(text, HELD_OUT_WORDS), text
     # the target appears by name and by each held-out phrasing, in every split that names it
     for split in (contexts, tuning):
         for phrasing in (target, *IMPLICIT_EVAL[target]):
             assert any(mentions(t, phrasing) for t in split.texts), (split.name, phrasing)
     assert all(not mentions(t, target) for t in splits["neighbours"].texts)
+    assert all(not mentions(t, target) for t in splits["tuning neighbours"].texts)
 
 
 def test_neighbours_keep_the_context_and_change_only_the_concept() -> None:
@@ -121,6 +122,7 @@ def test_a_recipe_evaluated_on_held_out_contexts_is_refused_if_its_concepts_use_
         load_recipe(recipe(leaky, "shapes-contexts"))
     issue = caught.value.issues[0]
     assert issue.path == "evaluate.0" and "held-out context 'tiny'" in issue.message and issue.suggestion
-    load_recipe(recipe(leaky, "shapes-tuning"))  # the tuning split may be seen by the edit
+    load_recipe(recipe(leaky, "shapes-tuning"))  # the tuning splits may be seen by the edit
+    load_recipe(recipe(leaky, "shapes-tuning-neighbours"))
     with pytest.raises(RecipeError, match="held-out phrasing 'scarlet'"):
         load_recipe(recipe([["a scarlet circle", "a gray circle"]], "shapes-neighbours"))

@@ -10,8 +10,9 @@ are built from words the edit never saw:
   grammar whose context words (size, position, background, prefix) come only from
   :data:`HELD_OUT_CONTEXT_WORDS`, a vocabulary no edit prompt may use;
 * **neighbours**: every other concept of the same kind, by name, in the same held-out contexts;
-* **tuning**: the same construction over :data:`TUNING_CONTEXT_WORDS` (the rest of the context
-  vocabulary) with its own seed: settings are chosen there, never on the reported splits.
+* **tuning** and **tuning neighbours**: the same construction over :data:`TUNING_CONTEXT_WORDS`
+  (the rest of the context vocabulary) with its own seed: settings are chosen there, never on
+  the reported splits.
 
 :func:`overlap_problems` is the check a benchmark runs on a recipe's concept set before it
 reports anything: an edit prompt that names a held-out phrasing or a held-out context word is
@@ -86,7 +87,7 @@ def in_contexts(
     return Split(name, tuple(prompts))
 
 
-def neighbours(target: str, contexts: Split) -> Split:
+def neighbours(target: str, contexts: Split, name: str = "neighbours") -> Split:
     """Every other concept of the target's kind, by its explicit name, in the contexts of ``contexts``
     (the prompts naming the target explicitly are rewritten with the neighbour's name)."""
     kind = _kind(target)
@@ -101,11 +102,12 @@ def neighbours(target: str, contexts: Split) -> Split:
             text = _replace_word(prompt.text, target, other)
             colour, shape = (other, prompt.shape) if kind == "colour" else (prompt.colour, other)
             prompts.append(Prompt(text, colour, shape))
-    return Split("neighbours", tuple(prompts))
+    return Split(name, tuple(prompts))
 
 
 def benchmark_splits(target: str, *, per_phrasing: int = 2, seed: int = 0) -> dict[str, Split]:
-    """The reported splits (held-out phrasings, held-out contexts, neighbours) and the tuning split."""
+    """The reported splits (held-out phrasings, held-out contexts, neighbours) and the tuning splits
+    (the target and its neighbours in tuning contexts)."""
     held_out = in_contexts(
         target, vocabulary=HELD_OUT_CONTEXT_WORDS, per_phrasing=per_phrasing, seed=seed, name="held-out contexts"
     )
@@ -117,6 +119,7 @@ def benchmark_splits(target: str, *, per_phrasing: int = 2, seed: int = 0) -> di
         "held-out contexts": held_out,
         "neighbours": neighbours(target, held_out),
         "tuning": tuning,
+        "tuning neighbours": neighbours(target, tuning, name="tuning neighbours"),
     }
     problems = split_overlaps(splits.values())
     if problems:  # a construction error, not a user's: the vocabularies above must stay apart

@@ -194,12 +194,12 @@ class _SplitSuite(_ShapesSuite):
         return list(splits[self.split].prompts)
 
     def overlap_with(self, edit_prompts: Sequence[str]) -> list[str]:
-        return [] if self.split == "tuning" else shapes_overlap_problems(edit_prompts)
+        return [] if self.split.startswith("tuning") else shapes_overlap_problems(edit_prompts)
 
     def summarise(self, prompts: Sequence[SuitePrompt], scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         out = super().summarise(prompts, scores)
         options: SplitOptions = self.options  # type: ignore[assignment]
-        if options.anchor is not None and self.split != "neighbours":
+        if options.anchor is not None and not self.split.endswith("neighbours"):
             reached = sum(anchor_reached(options.anchor, row_verdict(s), strict=True) for s in scores)
             out |= _rate("anchor_reached", reached, len(scores), reached / max(len(scores), 1))
         return out
@@ -225,6 +225,15 @@ class ShapesTuning(_SplitSuite):
     name = "shapes-tuning"
     summary = "builtin:shapes: the target in contexts of the tuning vocabulary, for choosing settings (never reported)"
     split = "tuning"
+
+
+class ShapesTuningNeighbours(_SplitSuite):
+    name = "shapes-tuning-neighbours"
+    summary = (
+        "builtin:shapes: every other colour (or shape) in the tuning contexts, for choosing settings (not reported)"
+    )
+    split = "tuning neighbours"
+    reports_hue_drift = True
 
 
 class AttackOptions(ShapesOptions, AttackSettings):
@@ -280,6 +289,7 @@ def conceptedit_register_suites(register: Callable[[type[PromptSuite]], None]) -
         ShapesContexts,
         ShapesNeighbours,
         ShapesTuning,
+        ShapesTuningNeighbours,
         ShapesAttack,
     ):
         register(suite)

@@ -22,7 +22,8 @@ Differences from the reference code, on purpose (docs/methods/trce.md):
 * trajectories, steps and regulariser latents are drawn uniformly with replacement from the
   seeded generator; the reference visits trajectories in order once per epoch and reuses the
   same regulariser files every epoch;
-* the reference's constant 0.01 inside its regulariser sum is left out (it has no gradient).
+* the reference's constant 0.01 inside its regulariser sum is left out (it has no gradient);
+* ``anchors: conditional`` (not the default) steers only the conditional prediction.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class TrceSteerParams(MethodParams):
     regularization_batch: PositiveInt = Field(4, description="Unconditional latents per step.")
     guidance: NonNegativeFloat = Field(15.0, description="g in f_safe/f_unsafe (β = g + 1 in the paper's notation).")
     margin: NonNegativeFloat = Field(0.01, description="Hinge margin δ.")
+    anchors: Literal["both", "conditional"] = Field(
+        "both",
+        description="Predictions the hinge steers: both (TRCE's code: ε_θ(x,t,c_m) and ε_θ(x,t,∅), averaged) or "
+        "conditional (ε_θ(x,t,c_m) only; this project's option: the unconditional branch is left to the regulariser).",
+    )
     preserve_weight: NonNegativeFloat = Field(100.0, description="λ on the unconditional regulariser.")
     trainable: list[str] = Field(
         ["attn1.", "attn2.to_q."],
@@ -149,12 +155,15 @@ class TrceSteer(EditMethod[TrceSteerParams]):
             f_safe = e_s + p.guidance * (e_s - e_0)
             f_unsafe = e_m + p.guidance * (e_m - e_0)
 
+        a = 2 if p.anchors == "both" else 1
         pred = _wide(
             ctx.predict_noise(
-                torch.cat([x, x, xr]), torch.cat([t, t, tr]), torch.cat([c_m, empty, empty.expand(r, -1, -1)])
+                torch.cat([x.expand(a, -1, -1, -1), xr]),
+                torch.cat([t.expand(a), tr]),
+                torch.cat([*[c_m, empty][:a], empty.expand(r, -1, -1)]),
             )
         )
-        anchors, reg_pred = pred[:2], pred[2:]
+        anchors, reg_pred = pred[:a], pred[a:]
         hinge = torch.stack(
             [F.relu(F.mse_loss(a, f_safe[0]) - F.mse_loss(a, f_unsafe[0]) + p.margin) for a in anchors]
         ).mean()
