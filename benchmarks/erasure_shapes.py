@@ -568,16 +568,27 @@ def mix_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each measured mix: its and its parts' (erased, kept) means over targets, and whether it
     lies beyond both parts: no part, and no blend of the two on the segment between them, erases
     at least as much while keeping at least as much."""
-    points = {s["edit"]: (s["erased_strict"]["mean"], s["kept_relative"]) for s in summary(rows)}
     out = []
     for label, parts in MIXES.items():
+        # Compare on the targets the mix was measured on, so that a partial run compares like with like.
+        targets = {r["target"] for r in rows if r["edit"] == label}
+        mine = [r for r in rows if r["target"] in targets]
+        points = {s["edit"]: (s["erased_strict"]["mean"], s["kept_relative"]) for s in summary(mine)}
         if label not in points or not all(p in points for p in parts):
             continue
         mix = points[label]
         (a, b) = (points[p] for p in parts)
         blends = [(w * a[0] + (1 - w) * b[0], w * a[1] + (1 - w) * b[1]) for w in (i / 100 for i in range(101))]
         dominated = any(e >= mix[0] and k >= mix[1] and (e, k) != mix for e, k in blends)
-        out.append({"mix": label, "parts": {p: points[p] for p in parts}, "point": mix, "beyond_both": not dominated})
+        out.append(
+            {
+                "mix": label,
+                "targets": sorted(targets),
+                "parts": {p: points[p] for p in parts},
+                "point": mix,
+                "beyond_both": not dominated,
+            }
+        )
     return out
 
 
@@ -615,10 +626,10 @@ def render(result: dict[str, Any]) -> str:
         "",
         "## Mixes against their parts (mean erased, mean kept relative)",
         "",
-        "| mix | its point | parts | beyond both parts |",
-        "|---|---|---|---|",
+        "| mix | targets | its point | parts | beyond both parts |",
+        "|---|---|---|---|---|",
         *(
-            f"| {v['mix']} | {v['point'][0]:.0%}, {v['point'][1]:.0%} | "
+            f"| {v['mix']} | {', '.join(v['targets'])} | {v['point'][0]:.0%}, {v['point'][1]:.0%} | "
             + "; ".join(f"{p}: {e:.0%}, {k:.0%}" for p, (e, k) in v["parts"].items())
             + f" | {'yes' if v['beyond_both'] else 'no'} |"
             for v in mix_verdicts(result["rows"])
