@@ -243,12 +243,17 @@ def edits(target: str, prior: Path) -> dict[str, list[dict[str, Any]]]:
 # ------------------------------------------------------------------ measuring
 
 
+def _spec(suite: str, options: dict[str, Any], **settings: Any) -> EvaluateSpec:
+    """One suite with the benchmark's sampler, never compared with the base inside the suite."""
+    return EvaluateSpec(suite=suite, options=options, compare_base=False, **SAMPLER, **settings)
+
+
 def specs(target: str, anchor: str, seeds: int, *, attacks: bool) -> dict[str, EvaluateSpec]:
     """The suites each edit is measured on (none compared with the base: its row is "no edit")."""
     split = {"target": target, "seeds": seeds, "per_phrasing": 1, "split_seed": 0}
 
     def spec(suite: str, **options: Any) -> EvaluateSpec:
-        return EvaluateSpec(suite=suite, options=options, compare_base=False, batch_size=64, **SAMPLER)
+        return _spec(suite, options, batch_size=64)
 
     out = {
         "contexts": spec("shapes-contexts", anchor=anchor, **split),
@@ -267,11 +272,8 @@ def specs(target: str, anchor: str, seeds: int, *, attacks: bool) -> dict[str, E
 def chance_specs(target: str) -> dict[str, EvaluateSpec]:
     """Each attack on the base model with neighbour prompts: the share showing the target by accident."""
     return {
-        f"chance_{strategy}": EvaluateSpec(
-            suite="shapes-attack",
-            options=_attack_options(target, strategy, "neighbours", 3 * _stride(target)),
-            compare_base=False,
-            **SAMPLER,
+        f"chance_{strategy}": _spec(
+            "shapes-attack", _attack_options(target, strategy, "neighbours", 3 * _stride(target))
         )
         for strategy in ("gradient", "random")
     }
@@ -532,11 +534,9 @@ def _tuning_metrics(pipe: Any, target: str, anchor: str | None = None, seeds: in
         for r in evaluate(
             pipe,
             [
-                EvaluateSpec(suite="shapes-tuning", options={**split, "anchor": anchor}, compare_base=False, **SAMPLER),
-                EvaluateSpec(suite="shapes-tuning-neighbours", options=split, compare_base=False, **SAMPLER),
-                EvaluateSpec(
-                    suite="shapes-preserve", options={"target": target, "seeds": 1}, compare_base=False, **SAMPLER
-                ),
+                _spec("shapes-tuning", {**split, "anchor": anchor}),
+                _spec("shapes-tuning-neighbours", split),
+                _spec("shapes-preserve", {"target": target, "seeds": 1}),
             ],
             host=get_host(),
         )

@@ -187,6 +187,10 @@ class _SplitSuite(_ShapesSuite):
 
     Options = SplitOptions
     split: ClassVar[str]
+    #: Tuning splits may share words with the edit's prompts; the reported ones may not.
+    reported: ClassVar[bool] = True
+    #: Neighbour splits never show the target, so "anchor reached" means nothing there.
+    of_neighbours: ClassVar[bool] = False
 
     def _prompts(self, target: str | None) -> list[ShapesPrompt]:
         options: SplitOptions = self.options  # type: ignore[assignment]
@@ -194,12 +198,12 @@ class _SplitSuite(_ShapesSuite):
         return list(splits[self.split].prompts)
 
     def overlap_with(self, edit_prompts: Sequence[str]) -> list[str]:
-        return [] if self.split.startswith("tuning") else shapes_overlap_problems(edit_prompts)
+        return shapes_overlap_problems(edit_prompts) if self.reported else []
 
     def summarise(self, prompts: Sequence[SuitePrompt], scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         out = super().summarise(prompts, scores)
         options: SplitOptions = self.options  # type: ignore[assignment]
-        if options.anchor is not None and not self.split.endswith("neighbours"):
+        if options.anchor is not None and not self.of_neighbours:
             reached = sum(anchor_reached(options.anchor, row_verdict(s), strict=True) for s in scores)
             out |= _rate("anchor_reached", reached, len(scores), reached / max(len(scores), 1))
         return out
@@ -218,6 +222,7 @@ class ShapesNeighbours(_SplitSuite):
     name = "shapes-neighbours"
     summary = "builtin:shapes: every other colour (or shape) in the same held-out contexts; must keep its hue"
     split = "neighbours"
+    of_neighbours = True
     reports_hue_drift = True
 
 
@@ -225,6 +230,7 @@ class ShapesTuning(_SplitSuite):
     name = "shapes-tuning"
     summary = "builtin:shapes: the target in contexts of the tuning vocabulary, for choosing settings (never reported)"
     split = "tuning"
+    reported = False
 
 
 class ShapesTuningNeighbours(_SplitSuite):
@@ -233,6 +239,8 @@ class ShapesTuningNeighbours(_SplitSuite):
         "builtin:shapes: every other colour (or shape) in the tuning contexts, for choosing settings (not reported)"
     )
     split = "tuning neighbours"
+    reported = False
+    of_neighbours = True
     reports_hue_drift = True
 
 

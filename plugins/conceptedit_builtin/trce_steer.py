@@ -155,15 +155,15 @@ class TrceSteer(EditMethod[TrceSteerParams]):
             f_safe = e_s + p.guidance * (e_s - e_0)
             f_unsafe = e_m + p.guidance * (e_m - e_0)
 
-        a = 2 if p.anchors == "both" else 1
+        steered = 2 if p.anchors == "both" else 1  # ε_θ(x,t,c_m), and ε_θ(x,t,∅) with "both"
         pred = _wide(
             ctx.predict_noise(
-                torch.cat([x.expand(a, -1, -1, -1), xr]),
-                torch.cat([t.expand(a), tr]),
-                torch.cat([*[c_m, empty][:a], empty.expand(r, -1, -1)]),
+                torch.cat([x.expand(steered, -1, -1, -1), xr]),
+                torch.cat([t.expand(steered), tr]),
+                torch.cat([*[c_m, empty][:steered], empty.expand(r, -1, -1)]),
             )
         )
-        anchors, reg_pred = pred[:a], pred[a:]
+        anchors, reg_pred = pred[:steered], pred[steered:]
         hinge = torch.stack(
             [F.relu(F.mse_loss(a, f_safe[0]) - F.mse_loss(a, f_unsafe[0]) + p.margin) for a in anchors]
         ).mean()
