@@ -81,6 +81,7 @@ TRCE: dict[str, Any] = {
     "steer_lr": 1e-3,
     "steer_guidance": 0.0,
     "steer_anchors": "both",
+    "steer_kept": False,
 }
 
 
@@ -122,8 +123,10 @@ def stage2(
     lr: float = TRCE["steer_lr"],
     guidance: float = TRCE["steer_guidance"],
     anchors: str = TRCE["steer_anchors"],
+    kept: Path | None = None,
 ) -> dict[str, Any]:
-    """TRCE stage 2 over the concept set's own varied prompts (``prompts: pairs``)."""
+    """TRCE stage 2 over the concept set's own varied prompts (``prompts: pairs``); with ``kept``, the
+    caption regulariser over those captions too (this project's option)."""
     return {
         "method": "trce_steer",
         "name": f"trce_steer:{target}",
@@ -135,6 +138,7 @@ def stage2(
             "unconditional_trajectories": 64,
             "guidance": guidance,
             "anchors": anchors,
+            "preserve_captions": None if kept is None else str(kept),
         },
         "training": {"steps": int(steps), "lr": lr},
     }
@@ -152,6 +156,8 @@ STEER_GRID: tuple[dict[str, Any], ...] = (
     {"steer_lr": 1e-3, "steer_anchors": "conditional"},
     {"steer_lr": 3e-4, "steer_guidance": 0.0},
     {"steer_lr": 1e-3, "steer_guidance": 0.0},
+    {"steer_lr": 1e-3, "steer_guidance": 0.0, "steer_kept": True},
+    {"steer_lr": 3e-3, "steer_guidance": 0.0, "steer_kept": True},
 )
 #: Each peer's tuned knob, chosen with --tune 3 on the tuning splits (one value for every target,
 #: by the same rule as TRCE's).
@@ -232,7 +238,10 @@ MIXES: dict[str, tuple[str, ...]] = {
 
 def edits(target: str, prior: Path) -> dict[str, list[dict[str, Any]]]:
     """Every edit measured on ``target``: TRCE 1 and 1+2, each peer, and the :data:`MIXES`."""
-    out = {"TRCE stage 1": [stage1(target, prior)], "TRCE 1+2": [stage1(target, prior), stage2(target)]}
+    out = {
+        "TRCE stage 1": [stage1(target, prior)],
+        "TRCE 1+2": [stage1(target, prior), stage2(target, kept=prior if TRCE["steer_kept"] else None)],
+    }
     out |= peers(target)
     for label, parts in MIXES.items():
         if all(part in out for part in parts):
@@ -479,6 +488,7 @@ def tune(
                             chosen["steer_lr"],
                             chosen["steer_guidance"],
                             chosen["steer_anchors"],
+                            prior if chosen["steer_kept"] else None,
                         )
                     )
                 if stage == 3:

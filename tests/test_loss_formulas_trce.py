@@ -61,8 +61,10 @@ def _record(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     def prepare(self: Any, ctx: Any) -> None:
         real_prepare(self, ctx)
-        for source in ("mal", "reg"):
+        for source in ("mal", "reg", "kept"):
             planned = getattr(self, source)
+            if planned is None:  # no caption regulariser
+                continue
             take = planned.take
 
             def recording(draw: int, device: torch.device, _take: Any = take, _source: str = source) -> Any:
@@ -156,3 +158,47 @@ def test_one_step_loss_is_the_reference_formula(tmp_path: Path, monkeypatch: pyt
     # ... and the engine logs them, rounded to float32 (relative error at most 2^-24).
     for key, value in {"erase": erase, "preserve": preserve, "total": erase + preserve}.items():
         assert logged[key] == pytest.approx(value, rel=2**-23), key
+
+
+def test_caption_regulariser_keeps_each_captions_own_prediction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``preserve_captions`` (this project's option): a second regulariser term, λ · mean_j
+    MSE(ε_θ(x_j,t_j,c_j), ε_stage1(x_j,t_j,c_j)) on the original model's runs over each caption c_j,
+    next to the unconditional one; both recomputed by hand."""
+    seen = _record(monkeypatch)
+    kept = ["a tree in a field", "a bowl of fruit", "a red bicycle"]
+    (tmp_path / "kept.txt").write_text("\n".join(kept) + "\n")
+    stage1 = {"method": "trce_eot", "params": {"concepts": "nsfw", "prior": None, "ridge": 0.1}}
+    params = {**PARAMS, "preserve_captions": str(tmp_path / "kept.txt"), "caption_trajectories": 2}
+    stage2 = {"method": "trce_steer", "params": params, "training": {"steps": STEP, "lr": 1e-3}}
+    recipe = tiny_recipe(stage1, stage2, concepts={"nsfw": {"pairs": PAIRS, "templates": ["{}"]}})
+    conceptedit.apply(recipe, pipeline=build_tiny_sd(dtype=F64), out=tmp_path / "run", quiet=True)
+    logged = json.loads((tmp_path / "run" / "logs" / "trce_steer.jsonl").read_text().splitlines()[STEP - 1])
+    returned = seen["terms"][STEP]
+
+    stage1_unet, theta = _unet(seen["weights"][1]), _unet(seen["weights"][STEP])
+    text = build_tiny_sd(dtype=F64)
+    x_k, t_k, runs = seen["reads"][STEP]["kept"]
+    assert len(x_k) == PARAMS["regularization_batch"] and set(runs) <= {0, 1}  # only the first 2 captions ran
+    x_u, t_u, _ = seen["reads"][STEP]["reg"]
+
+    def term(latents: Tensor, steps: Tensor, hidden: list[Tensor]) -> float:
+        with torch.no_grad():
+            per = [
+                _mse(
+                    theta(latents[j : j + 1].to(F64), steps[j : j + 1], encoder_hidden_states=h).sample,
+                    stage1_unet(latents[j : j + 1].to(F64), steps[j : j + 1], encoder_hidden_states=h).sample,
+                )
+                for j, h in enumerate(hidden)
+            ]
+        return PARAMS["preserve_weight"] * float(torch.stack(per).mean())
+
+    by_hand = {
+        "preserve_captions": term(x_k, t_k, [_embed(text, kept[j]) for j in runs]),
+        "preserve": term(x_u, t_u, [_embed(text, "")] * len(x_u)),
+    }
+    for key, value in by_hand.items():
+        assert value > 0
+        assert returned[key] == pytest.approx(value, rel=1e-10), key
+    assert logged["total"] == pytest.approx(sum(returned.values()), rel=2**-23)
