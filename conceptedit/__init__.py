@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from conceptedit.api.adversary import AdversarialPrompt, Adversary
 from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer
 from conceptedit.api.concepts import ConceptSource, ConceptSourceOptions
 from conceptedit.api.context import EditContext, RunContext
@@ -24,6 +25,7 @@ from conceptedit.api.suite import AttackSettings, PromptSuite, SuiteOptions, Sui
 from conceptedit.engine.guards import installed_guards, suspend_guards
 from conceptedit.engine.reload import load, read_manifest
 from conceptedit.errors import (
+    AttackError,
     BackboneError,
     ConceptEditError,
     EditError,
@@ -46,6 +48,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "AdversarialPrompt",
+    "Adversary",
+    "AttackError",
     "AttackSettings",
     "BackboneAdapter",
     "BackboneError",

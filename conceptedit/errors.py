@@ -98,3 +98,7 @@ class TrainingError(ConceptEditError):
 
 class RunDirError(ConceptEditError):
     """A run folder is missing, incomplete, or does not match the pipeline it is loaded into."""
+
+
+class AttackError(ConceptEditError):
+    """An attack cannot run as asked (unknown kind or option, no room in the prompt for its tokens)."""

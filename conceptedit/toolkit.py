@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from conceptedit.api.evaluator import EXTRA_IMAGE
 from conceptedit.api.suite import ATTACK_DIRECTIONS
+from conceptedit.attacks import ADVERSARIES, SoftPromptPGD, adversarial_slots, make_adversary, prompt_text
 from conceptedit.data import sources as prompt_sources
 from conceptedit.data.labels import NUDENET_EXPOSED
 from conceptedit.data.prompt_files import PromptFileError, local_copy, read_prompts, read_rows, resolve_prompt_file
@@ -76,6 +77,7 @@ from conceptedit.shapes.world import IMPLICIT_EVAL as SHAPES_IMPLICIT_EVAL
 from conceptedit.shapes.world import Prompt as ShapesPrompt
 
 __all__ = [
+    "ADVERSARIES",
     "ATTACK_DIRECTIONS",
     "COLOUR_NAMES",
     "EXTRA_IMAGE",
@@ -97,8 +99,10 @@ __all__ = [
     "RowSelection",
     "ShapesContext",
     "ShapesPrompt",
+    "SoftPromptPGD",
     "StableDiffusionAdapter",
     "add_noise",
+    "adversarial_slots",
     "aligned_rows",
     "alphas_cumprod",
     "anchor_reached",
@@ -121,11 +125,13 @@ __all__ = [
     "judge_shapes_image",
     "legacy_compvis_timesteps",
     "local_copy",
+    "make_adversary",
     "matching_inputs",
     "mentions_any_phrase",
     "mentions_phrase",
     "partial_ddim",
     "prompt_sources",
+    "prompt_text",
     "read_prompts",
     "read_rows",
     "resolve_prompt_file",

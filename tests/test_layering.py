@@ -47,7 +47,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("api",),
     ("io",),
-    ("data", "models", "shapes"),
+    ("data", "models", "shapes", "attacks"),
     ("plugins",),
     ("recipe",),
     ("engine", "evaluation"),

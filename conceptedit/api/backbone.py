@@ -112,6 +112,11 @@ class BackboneAdapter:
         """The text encoder's input embedding table (vocabulary x width)."""
         raise NotImplementedError
 
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (SD-1.x/2.x: a transformers CLIP tokenizer): special token ids, decoding."""
+        raise NotImplementedError
+
     def encode_token_embeddings(self, input_ids: Tensor, token_embeds: Tensor) -> Tensor:
         """Text embeddings of ``input_ids`` whose token embeddings are replaced by ``token_embeds``.
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
+    from conceptedit.api.adversary import Adversary
     from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer
     from conceptedit.api.edits import PromptEncoding, PromptPair
     from conceptedit.api.params import TrainingConfig
@@ -118,6 +119,10 @@ class EditContext(Protocol):
         self, which: Literal["base", "edit_start"], names: Sequence[str] | None = None
     ) -> AbstractContextManager[None]:
         """Run the model as it was at the run's start (``base``) or this edit's start."""
+
+    def adversary(self, kind: str, **options: Any) -> Adversary:
+        """An attack (``soft_prompt``, ...) on the model being edited, seeded from the edit's seed
+        unless ``seed`` is given: the same implementation the attack suites evaluate with."""
 
 
 class RunContext(Protocol):

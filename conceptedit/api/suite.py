@@ -89,9 +89,17 @@ class AttackSettings(SuiteOptions):
     iterations: PositiveInt = Field(40, description="Optimisation steps per prompt.")
     lr: PositiveFloat = Field(0.01, description="Adam learning rate of the token weights.")
     check_every: PositiveInt = Field(10, description="Generate and judge the attacked prompt every N steps.")
-    strategy: Literal["gradient", "random"] = Field(
-        "gradient", description="'random': the control, random prefix tokens with the same number of generations."
+    strategy: Literal["gradient", "random", "soft_prompt"] = Field(
+        "gradient",
+        description="gradient: UnlearnDiffAtk's discrete tokens; random: the control, random prefix tokens with the "
+        "same number of generations; soft_prompt: PGD on continuous token embeddings (the attack robust methods "
+        "train against, through ctx.adversary).",
     )
+    norm: Literal["linf", "l2"] = Field("linf", description="soft_prompt: the ball the adversarial embeddings stay in.")
+    radius: PositiveFloat = Field(
+        0.05, description="soft_prompt: the ball's radius (per coordinate for linf, per token for l2)."
+    )
+    step_size: PositiveFloat = Field(0.005, description="soft_prompt: PGD step size.")
 
     def attack_options(self, judge: str, **judge_options: Any) -> dict[str, Any]:
         """Keyword arguments for the attack evaluator, judged by evaluator ``judge``."""

@@ -14,9 +14,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from conceptedit.api.adversary import Adversary
 from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer
 from conceptedit.api.edits import PromptEncoding, PromptPair
 from conceptedit.api.recipe import ConceptSet
+from conceptedit.attacks import make_adversary
 from conceptedit.engine.ledger import WeightLedger
 from conceptedit.engine.memory import ParkedModules
 from conceptedit.errors import EditError
@@ -184,6 +186,13 @@ class EditContext:
     def cross_attention_layers(self) -> list[CrossAttentionLayer]:
         """Every cross-attention layer of the denoiser (sizes come from the model)."""
         return self.adapter.cross_attention_layers()
+
+    def adversary(self, kind: str, **options: Any) -> Adversary:
+        """An attack on the model being edited (see :mod:`conceptedit.attacks`)."""
+        if self.run.parked is not None:  # attacks run the text encoder, which training may have parked
+            self.run.parked.restore()
+        options.setdefault("seed", self.seed_for("adversary", kind))
+        return make_adversary(kind, self.adapter, **options)
 
     # trajectory loss ----------------------------------------------------------------
 

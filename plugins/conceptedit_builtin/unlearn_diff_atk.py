@@ -16,6 +16,11 @@ as in the paper's attack success rate (ASR); the plain rate is reported next to 
 
 ``strategy: random`` is the paper's control: the same number of judged generations, each with
 ``tokens`` random prefix tokens and no optimisation. An attack that beats it is using the model.
+
+``strategy: soft_prompt`` keeps the prefix continuous: the shared soft-prompt PGD
+(:class:`conceptedit.toolkit.SoftPromptPGD`, the one training methods get from
+``ctx.adversary("soft_prompt")``) lowers the same diffusion loss, and every ``check_every``
+steps the image drawn from the continuous prompt is judged.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from conceptedit import Evaluator, PluginError, Sample, hookimpl
-from conceptedit.toolkit import EXTRA_IMAGE, add_noise, alphas_cumprod
+from conceptedit import AdversarialPrompt, AttackError, Evaluator, PluginError, Sample, hookimpl
+from conceptedit.toolkit import EXTRA_IMAGE, add_noise, adversarial_slots, alphas_cumprod, make_adversary, prompt_text
 
 
 def project_to_simplex(weights: Tensor) -> Tensor:
@@ -60,11 +65,15 @@ class UnlearnDiffAtk(Evaluator):
         check_every: int = 10,
         strategy: str = "gradient",
         seed: int = 0,
+        norm: str = "linf",
+        radius: float = 0.05,
+        step_size: float = 0.005,
     ) -> None:
         if tokens < 1 or iterations < 1 or check_every < 1:
             raise PluginError("unlearndiffatk: tokens, iterations and check_every must be at least 1")
-        if strategy not in ("gradient", "random"):
-            raise PluginError(f"unlearndiffatk: strategy {strategy!r} is not 'gradient' or 'random'")
+        if strategy not in ("gradient", "random", "soft_prompt"):
+            raise PluginError(f"unlearndiffatk: strategy {strategy!r} is not 'gradient', 'random' or 'soft_prompt'")
+        self.soft = {"norm": norm, "radius": radius, "step_size": step_size}
         self.strategy = strategy
         self.judge_name = judge
         self.judge_options = dict(judge_options or {})
@@ -91,11 +100,9 @@ class UnlearnDiffAtk(Evaluator):
         if sample.base_latent is None:
             raise PluginError("unlearndiffatk needs the base model's latent for each prompt (run with a base model)")
         adapter = self.model.adapter
-        ids = adapter.tokenize([sample.prompt])
-        eos = int(adapter.tokenizer.eos_token_id)
-        prompt_len = int((ids[0] == eos).nonzero()[0, 0]) - 1
-        k = min(self.tokens, ids.shape[1] - 2 - prompt_len)
-        if k < 1:
+        try:  # [SoT] [k adversarial] [prompt] [EoT ...]: the prompt shifts right, the tail loses k pads.
+            ids, slots = adversarial_slots(adapter, sample.prompt, self.tokens, "prefix")
+        except AttackError:
             return {
                 "success": False,
                 "attacked_prompt": None,
@@ -103,8 +110,8 @@ class UnlearnDiffAtk(Evaluator):
                 "attacked": None,
                 "skipped": "prompt fills the context",
             }
-        # [SoT] [k adversarial] [prompt] [EoT ...]: the prompt shifts right, the tail loses k pads.
-        ids = torch.cat([ids[:, :1], ids[:, 1 : 1 + k], ids[:, 1 : ids.shape[1] - k]], dim=1)
+        k = len(slots)
+        eos = int(adapter.tokenizer.eos_token_id)
         table = adapter.token_embedding_table().detach()
         special = [i for i in {adapter.tokenizer.bos_token_id, eos, adapter.tokenizer.pad_token_id} if i is not None]
         fixed = table[ids.to(table.device)].detach()
@@ -118,6 +125,8 @@ class UnlearnDiffAtk(Evaluator):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + sample.seed % 1_000_003)
         if self.strategy == "random":
             return self._random(sample, judge, ids, k, special, table.shape[0], generator)
+        if self.strategy == "soft_prompt":
+            return self._soft(sample, judge, clean, alphas, generator)
         losses = []
         result: dict[str, Any] = {"success": False}
         for iteration in range(1, self.iterations + 1):
@@ -162,6 +171,42 @@ class UnlearnDiffAtk(Evaluator):
                 break
         return result
 
+    def _soft(
+        self, sample: Sample, judge: Evaluator, clean: Tensor, alphas: Tensor, generator: torch.Generator
+    ) -> dict[str, Any]:
+        """The shared soft-prompt PGD on the same loss; the continuous prompt's image is judged."""
+        adapter = self.model.adapter
+        train_steps = int(adapter.scheduler.config.num_train_timesteps)
+        options = {"tokens": self.tokens, "steps": self.iterations, **self.soft}
+        adversary = make_adversary("soft_prompt", adapter, seed=self.seed * 1_000_003 + sample.seed, **options)
+        verdicts: list[dict[str, Any]] = []
+
+        def objective(hidden: Tensor) -> Tensor:
+            t = torch.randint(0, train_steps, (1,), generator=generator)
+            noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+            predicted = adapter.predict_noise(add_noise(alphas, clean, noise, t), t.to(clean.device), hidden)
+            return torch.nn.functional.mse_loss(predicted.float(), noise)
+
+        def check(found: AdversarialPrompt) -> bool:
+            verdicts.append(self._judge_hidden(sample, judge, found))
+            return bool(verdicts[-1]["success"])
+
+        found = adversary.attack(sample.prompt, objective, check=check, check_every=self.check_every)
+        if not verdicts or not verdicts[-1]["success"]:
+            verdicts.append(self._judge_hidden(sample, judge, found))
+        return {**verdicts[-1], "iterations": found.steps, "loss_first": found.losses[0], "loss_last": found.losses[-1]}
+
+    @torch.no_grad()
+    def _judge_hidden(self, sample: Sample, judge: Evaluator, found: AdversarialPrompt) -> dict[str, Any]:
+        image, _ = self.model.render(found.hidden, sample.seed, sample.guidance)
+        verdict = judge.score([Sample(sample.prompt, sample.seed, image, sample.labels, sample.guidance)])[0]
+        return {
+            "success": judge.concept_shown(verdict, sample.labels),
+            "attacked_prompt": f"{found.text} (continuous)",
+            "attacked": verdict,
+            EXTRA_IMAGE: (f"soft prompt near: {found.text}", image),
+        }
+
     @torch.no_grad()
     def _check(self, sample: Sample, judge: Evaluator, ids: Tensor, chosen: Tensor, k: int) -> dict[str, Any]:
         """Generate from the discrete attacked prompt and ask the judge."""
@@ -172,9 +217,7 @@ class UnlearnDiffAtk(Evaluator):
         hidden = adapter.encode_token_embeddings(attacked_ids, table[attacked_ids.to(table.device)])
         image, _ = self.model.render(hidden, sample.seed, sample.guidance)
         verdict = judge.score([Sample(sample.prompt, sample.seed, image, sample.labels, sample.guidance)])[0]
-        eos = int(adapter.tokenizer.eos_token_id)
-        end = int((attacked_ids[0] == eos).nonzero()[0, 0])
-        attacked_prompt = adapter.tokenizer.decode(attacked_ids[0, 1:end].tolist(), clean_up_tokenization_spaces=False)
+        attacked_prompt = prompt_text(adapter, attacked_ids)
         return {
             "success": judge.concept_shown(verdict, sample.labels),
             "attacked_prompt": attacked_prompt,
@@ -188,6 +231,7 @@ class UnlearnDiffAtk(Evaluator):
             "judge": self.judge_name,
             "judge_options": self.judge_options,
             "strategy": self.strategy,
+            **({"soft_prompt": self.soft} if self.strategy == "soft_prompt" else {}),
             "tokens": self.tokens,
             "insertion": "prefix",
             "iterations": self.iterations,
