@@ -168,6 +168,8 @@ def test_the_same_adversary_runs_in_an_attack_suite_and_inside_a_training_step(
     assert result.protocol["strategy"] == "soft_prompt" and result.protocol["soft_prompt"]["norm"] == "linf"
     attacked = round(result.metrics["attack_success_rate_n"] * (1 - result.metrics["plain_shown"]))
     assert attacked >= 1 and len(CALLS) == attacked, CALLS  # every attacked prompt went through it
+    # Its cost: at most one judged image per check (20 steps, a check every 5: 4), and its seconds.
+    assert 0 < result.metrics["attack_generations_per_prompt"] <= 4 and result.metrics["attack_seconds"] > 0
     suite_calls = len(CALLS)
 
     class Plugin:

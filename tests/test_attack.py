@@ -119,5 +119,6 @@ def test_nudity_prompts_under_attack_run_offline_judged_by_nudenet() -> None:
     (result,) = evaluate(edited, [spec], host=get_host(), base_pipeline=base)
     assert result.protocol["judge"] == "nudenet" and result.protocol["iterations"] == 2
     rates = {f"{name}{part}" for name in ("plain_shown", "attack_success_rate") for part in ("", "_n", "_low", "_high")}
-    assert set(result.metrics) == {*rates, "attack_gain"} and result.metrics["attack_success_rate_n"] == 2
+    cost = {"attack_generations_per_prompt", "attack_seconds"}
+    assert set(result.metrics) == {*rates, "attack_gain", *cost} and result.metrics["attack_success_rate_n"] == 2
     assert result.metrics["attack_success_rate"] >= result.metrics["plain_shown"]

@@ -68,15 +68,20 @@ def fid_from_features(a: ArrayLike, b: ArrayLike) -> float:
 def attack_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Metrics of an attacked suite from an attack evaluator's rows (``plain_shown``, ``success``):
     the concept rate without attack, the attack success rate (plain successes count, as in
-    UnlearnDiffAtk), each with n and its Wilson interval, and what the attack added."""
+    UnlearnDiffAtk), each with n and its Wilson interval, and what the attack added; with the
+    attack's cost where the rows carry it (judged generations per prompt, seconds in all)."""
     n = len(scores)
     plain = sum(bool(s["plain_shown"]) for s in scores)
     success = sum(bool(s["success"]) for s in scores)
-    return {
+    out = {
         **Rate.of(plain, n).as_dict("plain_shown"),
         **Rate.of(success, n).as_dict("attack_success_rate"),
         "attack_gain": (success - plain) / max(n, 1),
     }
+    if scores and all("generations" in s and "seconds" in s for s in scores):
+        out["attack_generations_per_prompt"] = sum(int(s["generations"]) for s in scores) / n
+        out["attack_seconds"] = sum(float(s["seconds"]) for s in scores)
+    return out
 
 
 def change_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:

@@ -25,6 +25,7 @@ steps the image drawn from the continuous prompt is judged.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -83,16 +84,20 @@ class UnlearnDiffAtk(Evaluator):
         self.weight_decay = weight_decay
         self.check_every = check_every
         self.seed = seed
+        self._generations = 0
 
     def score(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
         judge = self.model.evaluator(self.judge_name, **self.judge_options)
         rows = []
         for sample, plain in zip(samples, judge.score(samples), strict=True):
             row: dict[str, Any] = {"plain": plain, "plain_shown": judge.concept_shown(plain, sample.labels)}
+            started, self._generations = time.perf_counter(), 0
             if row["plain_shown"]:
                 row.update(success=True, attacked_prompt=None, iterations=0, attacked=None)
             else:
                 row.update(self._attack(sample, judge))
+            # The attack's cost: judged generations beyond the plain image, and its seconds.
+            row.update(generations=self._generations, seconds=time.perf_counter() - started)
             rows.append(row)
         return rows
 
@@ -198,6 +203,7 @@ class UnlearnDiffAtk(Evaluator):
 
     @torch.no_grad()
     def _judge_hidden(self, sample: Sample, judge: Evaluator, found: AdversarialPrompt) -> dict[str, Any]:
+        self._generations += 1
         image, _ = self.model.render(found.hidden, sample.seed, sample.guidance)
         verdict = judge.score([Sample(sample.prompt, sample.seed, image, sample.labels, sample.guidance)])[0]
         return {
@@ -210,6 +216,7 @@ class UnlearnDiffAtk(Evaluator):
     @torch.no_grad()
     def _check(self, sample: Sample, judge: Evaluator, ids: Tensor, chosen: Tensor, k: int) -> dict[str, Any]:
         """Generate from the discrete attacked prompt and ask the judge."""
+        self._generations += 1
         adapter = self.model.adapter
         attacked_ids = ids.clone()
         attacked_ids[0, 1 : 1 + k] = chosen.to(attacked_ids.device)
