@@ -118,20 +118,20 @@ class UnlearnDiffAtk(Evaluator):
         k = len(slots)
         eos = int(adapter.tokenizer.eos_token_id)
         table = adapter.token_embedding_table().detach()
+        alphas = alphas_cumprod(adapter.scheduler.config)
+        train_steps = int(adapter.scheduler.config.num_train_timesteps)
+        clean = sample.base_latent.unsqueeze(0).to(table.device)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + sample.seed % 1_000_003)
+        if self.strategy == "soft_prompt":
+            return self._soft(sample, judge, clean, alphas, generator)
         special = [i for i in {adapter.tokenizer.bos_token_id, eos, adapter.tokenizer.pad_token_id} if i is not None]
+        if self.strategy == "random":
+            return self._random(sample, judge, ids, k, special, table.shape[0], generator)
         fixed = table[ids.to(table.device)].detach()
         weights = torch.full((k, table.shape[0]), 1.0 / (table.shape[0] - len(special)), device=table.device)
         weights[:, special] = 0
         weights.requires_grad_(True)
         optimiser = torch.optim.Adam([weights], lr=self.lr, weight_decay=self.weight_decay)
-        alphas = alphas_cumprod(adapter.scheduler.config)
-        train_steps = int(adapter.scheduler.config.num_train_timesteps)
-        clean = sample.base_latent.unsqueeze(0).to(table.device)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + sample.seed % 1_000_003)
-        if self.strategy == "random":
-            return self._random(sample, judge, ids, k, special, table.shape[0], generator)
-        if self.strategy == "soft_prompt":
-            return self._soft(sample, judge, clean, alphas, generator)
         losses = []
         result: dict[str, Any] = {"success": False}
         for iteration in range(1, self.iterations + 1):
