@@ -397,6 +397,9 @@ def eval_cmd(
     results = evaluate_into(
         folder, pipeline, specs, host=plugin_host, base_pipeline=base, reporter=reporter, labels=labels, curves=curves
     )
+    if state.num_processes > 1:  # leave together: a rank exiting with its process group alive can abort (SIGABRT)
+        state.wait_for_everyone()
+        state.destroy_process_group()
     if not main:
         return
     if not quiet:
