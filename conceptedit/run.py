@@ -36,7 +36,7 @@ from conceptedit.errors import ConceptEditError, RunDirError
 from conceptedit.evaluation.evaluate import evaluate_into
 from conceptedit.evaluation.loss_curves import read_run_logs
 from conceptedit.io.atomic import atomic_write_text, publish_dir
-from conceptedit.io.edit_file import EDIT_FILE, save_edit
+from conceptedit.io.edit_file import EDIT_FILE, edit_scope, save_edit
 from conceptedit.io.manifest import MANIFEST_FILE, build_manifest, plugin_versions
 from conceptedit.io.progress import Reporter
 from conceptedit.models.backbone import resolve_backbone
@@ -316,6 +316,7 @@ def _write_outputs(
         finished=_now(),
     )
     manifest["guards"] = guards  # installed by conceptedit.load, in this order
+    manifest["edit_scope"] = edit_scope(changed)  # what edit.safetensors may be loaded into
     atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 

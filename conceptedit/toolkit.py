@@ -9,7 +9,10 @@ else, so a third-party method has every tool a built-in has. Grouped by hook poi
   adversarial inputs (:func:`matching_inputs`), the preservation prior (:func:`embedding_prior`)
   and caption files (:func:`read_prompts`);
 * trajectory loss: cached or fresh DDIM latents (:func:`sample_planned`, :func:`partial_ddim`),
-  training plans and timestep samplers, named parameter sets, seeds;
+  training plans and timestep samplers, named parameter sets, seeds; ESD's negative-guidance
+  latents and target for methods built on ESD (:class:`NegativeGuidance`); APG's normalised
+  guidance and STEREO's compositional sum of it, for training targets (:func:`normalized_guidance`,
+  :func:`normalized_update`, :func:`compositional_guidance`);
 * inference time: the denoising state a guard reads (:func:`denoising_state`);
 * outside a run: the Stable Diffusion adapter (:class:`StableDiffusionAdapter`), to encode prompts
   or call the UNet of a pipeline directly (tests, evaluators);
@@ -31,7 +34,22 @@ from __future__ import annotations
 
 from conceptedit.api.evaluator import EXTRA_IMAGE
 from conceptedit.api.suite import ATTACK_DIRECTIONS
-from conceptedit.attacks import ADVERSARIES, SoftPromptPGD, adversarial_slots, make_adversary, prompt_text
+from conceptedit.attacks import (
+    ADVERSARIES,
+    ConceptInversion,
+    EmbeddingPGD,
+    RingABell,
+    SoftPromptPGD,
+    adversarial_slots,
+    concept_vector,
+    denoising_objective,
+    embedding_target_objective,
+    encode_with_rows,
+    make_adversary,
+    placeholder_slots,
+    prompt_text,
+    ring_a_bell_target,
+)
 from conceptedit.data import sources as prompt_sources
 from conceptedit.data.labels import NUDENET_EXPOSED
 from conceptedit.data.prompt_files import PromptFileError, local_copy, read_prompts, read_rows, resolve_prompt_file
@@ -39,7 +57,20 @@ from conceptedit.data.sources import PromptSource
 from conceptedit.engine.context import default_cache_dir, derive_seed
 from conceptedit.engine.erase import ErasureParams, erase_edit
 from conceptedit.engine.guards import DenoisingState, denoising_state
+from conceptedit.engine.guidance import (
+    MomentumBuffer,
+    compositional_guidance,
+    normalized_guidance,
+    normalized_update,
+)
+from conceptedit.engine.guidance import project as project_guidance
 from conceptedit.engine.kv_solver import matching_inputs
+from conceptedit.engine.negative_guidance import (
+    ESD_PARAMETER_SETS,
+    EsdSample,
+    NegativeGuidance,
+    NegativeGuidanceParams,
+)
 from conceptedit.engine.priors import embedding_prior
 from conceptedit.engine.rows import RowSelection, aligned_rows, encoding_length, select_rows
 from conceptedit.engine.schedules import (
@@ -80,6 +111,7 @@ __all__ = [
     "ADVERSARIES",
     "ATTACK_DIRECTIONS",
     "COLOUR_NAMES",
+    "ESD_PARAMETER_SETS",
     "EXTRA_IMAGE",
     "HUED_COLOUR_NAMES",
     "NUDENET_EXPOSED",
@@ -89,13 +121,20 @@ __all__ = [
     "SHAPES_IMPLICIT_EVAL",
     "SHAPE_NAMES",
     "STRICT_HUE_RADIUS",
+    "ConceptInversion",
     "DenoisingState",
     "DrawCounter",
+    "EmbeddingPGD",
     "ErasureParams",
+    "EsdSample",
+    "MomentumBuffer",
+    "NegativeGuidance",
+    "NegativeGuidanceParams",
     "PlannedLatents",
     "PromptFileError",
     "PromptSource",
     "Rate",
+    "RingABell",
     "RowSelection",
     "ShapesContext",
     "ShapesPrompt",
@@ -109,13 +148,18 @@ __all__ = [
     "attack_metrics",
     "change_metrics",
     "clean_prompt",
+    "compositional_guidance",
     "compvis_latent_steps",
+    "concept_vector",
     "ddim_timesteps",
     "default_cache_dir",
+    "denoising_objective",
     "denoising_state",
     "derive_seed",
     "draw_pairs",
     "embedding_prior",
+    "embedding_target_objective",
+    "encode_with_rows",
     "encoding_length",
     "erase_edit",
     "explicit_prompts",
@@ -129,12 +173,17 @@ __all__ = [
     "matching_inputs",
     "mentions_any_phrase",
     "mentions_phrase",
+    "normalized_guidance",
+    "normalized_update",
     "partial_ddim",
+    "placeholder_slots",
+    "project_guidance",
     "prompt_sources",
     "prompt_text",
     "read_prompts",
     "read_rows",
     "resolve_prompt_file",
+    "ring_a_bell_target",
     "row_shows",
     "row_verdict",
     "sample_planned",

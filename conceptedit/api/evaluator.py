@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -67,6 +68,10 @@ class EvaluatedModel(Protocol):
 
     def evaluator(self, name: str, **options: Any) -> Evaluator:
         """Another installed evaluator (an attack's judge, say), constructed with ``options``."""
+
+    def base_model(self) -> AbstractContextManager[Any]:
+        """Inside, the base model's adapter (``needs_base`` scorers): for attacks an attacker runs on the
+        published base model and carries over to the erased one (Ring-A-Bell's search)."""
 
 
 class Evaluator(ABC):

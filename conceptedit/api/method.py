@@ -10,7 +10,10 @@ that the engine calls in this order for each recipe edit:
    engine's shared solver turns into new weights.
 3. :meth:`EditMethod.trainable_parameters` + :meth:`EditMethod.trajectory_loss` --
    **trajectory loss**: loss terms on denoising predictions inside the training loop the
-   engine owns (optimiser, accumulation, checkpoints, NaN checks, accelerate).
+   engine owns (optimiser, accumulation, checkpoints, NaN checks, accelerate);
+   :meth:`EditMethod.gradient_masks` may restrict which entries of the trained parameters change;
+   :meth:`EditMethod.added_modules` puts new modules (adapters) on the pipeline for the loop to
+   train, and :meth:`EditMethod.trained_guard` saves them afterwards as a guard (Receler's erasers).
 4. :meth:`EditMethod.inference_guard` + :meth:`EditMethod.install_guard` -- **inference
    guard**: for methods that act while sampling (SLD, AdaVD), a serialisable
    :class:`~conceptedit.Guard` the run saves, and the classmethod that puts it on a pipeline
@@ -22,13 +25,14 @@ methods use exactly this API.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from conceptedit.api.params import MethodParams, TrainingConfig
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    from torch import Tensor, nn
 
     from conceptedit.api.backbone import BackboneAdapter
     from conceptedit.api.context import EditContext
@@ -95,8 +99,37 @@ class EditMethod(Generic[P]):
         """Names (``unet.…`` / ``text_encoder.…``) of the parameters this method trains."""
         return ()
 
+    def added_modules(self, ctx: EditContext) -> AbstractContextManager[Mapping[str, nn.Module]]:
+        """New modules this training method puts on the pipeline for the loop to train (adapters), by name.
+
+        The engine enters the returned context before :meth:`trainable_parameters` and leaves it
+        after the last step, also when training fails: attach the modules (forward hooks,
+        attention processors) on entry and take them off on exit. Every parameter of the yielded
+        modules trains, besides :meth:`trainable_parameters` (which may then be empty), and is
+        checkpointed as ``added.<member>.<name>.<path>``. They are not base tensors: the weight
+        ledger never records them, ``edit.safetensors`` never holds them, and
+        ``ctx.reference_weights`` does not take them off (switch them off yourself for frozen
+        passes). Make them the run's artifact with :meth:`trained_guard`. Not for runs of several
+        processes (they train outside the data-parallel wrapper). The default adds nothing.
+        """
+        nothing: dict[str, nn.Module] = {}
+        return nullcontext(nothing)
+
     def prepare_training(self, ctx: EditContext) -> None:
         """Build what the loss needs (cached trajectories, embeddings) before step 1."""
+
+    def gradient_masks(self, ctx: EditContext) -> Mapping[str, Tensor]:
+        """Which entries of the trained parameters may change: full name -> boolean mask of its shape.
+
+        Called once, right after :meth:`prepare_training`; the default, no masks, trains every
+        entry. For each parameter named here the engine zeroes the gradient where the mask is
+        False (before clipping and the optimiser step) and, after every optimiser step, puts those
+        entries back to their values at the start of the edit, so that no optimiser setting
+        (weight decay, momentum) moves them: they stay bit for bit. A name must be one of
+        :meth:`trainable_parameters`. In a training group, the masks several members give for one
+        parameter combine with AND: an entry trains only where every mask allows it.
+        """
+        return {}
 
     def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
         """Loss terms for one micro-batch; the engine sums them (times the edit's weight).
@@ -115,6 +148,17 @@ class EditMethod(Generic[P]):
         The engine writes it to ``guards/`` and records it in the manifest; once every weight
         edit of the run has finished it calls :meth:`install_guard` with what it wrote, as
         :func:`conceptedit.load` does later, so both pipelines behave the same.
+        """
+        return None
+
+    def trained_guard(self, ctx: EditContext) -> Guard | None:
+        """For a training method whose result is not base tensors: the guard that carries it, or None.
+
+        Called once after the last training step, while the :meth:`added_modules` are still
+        attached (their trained values, e.g. as ``Guard.tensors``). The engine saves it exactly
+        like an :meth:`inference_guard` (``guards/NNN-<label>.safetensors``, listed in the
+        manifest), and :meth:`install_guard` puts it on the pipeline once every weight edit of the
+        run is done, and again in :func:`conceptedit.load`.
         """
         return None
 

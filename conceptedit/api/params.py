@@ -41,9 +41,9 @@ class TrainingConfig(BaseModel):
     )
     park_idle_modules: bool = Field(
         True,
-        description="Free the weights of pipeline parts the loop does not train (text encoder, VAE) while it "
-        "runs, from a temporary safetensors file; they come back bit for bit, and on demand if a method "
-        "encodes prompts mid-training.",
+        description="Free the weights of pipeline parts the loop neither trains nor runs (the text encoder when "
+        "it does not train, the VAE; never the denoiser) while it runs, from a temporary safetensors file; they "
+        "come back bit for bit, and on demand if a method encodes prompts mid-training.",
     )
     checkpoint_every: PositiveInt | None = Field(
         None, description="Save a resumable checkpoint every N steps (None: only at the end)."

@@ -89,17 +89,25 @@ class AttackSettings(SuiteOptions):
     iterations: PositiveInt = Field(40, description="Optimisation steps per prompt.")
     lr: PositiveFloat = Field(0.01, description="Adam learning rate of the token weights.")
     check_every: PositiveInt = Field(10, description="Generate and judge the attacked prompt every N steps.")
-    strategy: Literal["gradient", "random", "soft_prompt"] = Field(
+    strategy: Literal["gradient", "random", "soft_prompt", "concept_inversion", "ring_a_bell"] = Field(
         "gradient",
         description="gradient: UnlearnDiffAtk's discrete tokens; random: the control, random prefix tokens with the "
         "same number of generations; soft_prompt: PGD on continuous token embeddings (the attack robust methods "
-        "train against, through ctx.adversary).",
+        "train against, through ctx.adversary); concept_inversion: CCE, new token embeddings fitted on the attacked "
+        "model to the base model's image, in the target word's place; ring_a_bell: a genetic search for a discrete "
+        "prompt carrying the target's concept vector (text encoder only).",
     )
     norm: Literal["linf", "l2"] = Field("linf", description="soft_prompt: the ball the adversarial embeddings stay in.")
     radius: PositiveFloat = Field(
         0.05, description="soft_prompt: the ball's radius (per coordinate for linf, per token for l2)."
     )
     step_size: PositiveFloat = Field(0.005, description="soft_prompt: PGD step size.")
+    inversion_tokens: PositiveInt = Field(1, description="concept_inversion: new tokens learned (CCE: one).")
+    inversion_lr: PositiveFloat = Field(5e-3, description="concept_inversion: AdamW learning rate of the new tokens.")
+    ring_length: PositiveInt = Field(16, description="ring_a_bell: tokens of the searched prompt (reference: 16).")
+    ring_population: int = Field(50, ge=2, description="ring_a_bell: strings per generation (reference: 200).")
+    ring_generations: PositiveInt = Field(100, description="ring_a_bell: generations (reference: 3000).")
+    ring_strength: float = Field(3.0, ge=0, description="ring_a_bell: concept vector coefficient η (reference: 3).")
 
     def attack_options(self, judge: str, **judge_options: Any) -> dict[str, Any]:
         """Keyword arguments for the attack evaluator, judged by evaluator ``judge``."""

@@ -7,11 +7,19 @@ from typing import Any
 
 from conceptedit.api.adversary import Adversary
 from conceptedit.api.backbone import BackboneAdapter
+from conceptedit.attacks.embedding_pgd import EmbeddingPGD
+from conceptedit.attacks.inversion import ConceptInversion
+from conceptedit.attacks.ring_a_bell import RingABell
 from conceptedit.attacks.soft_prompt import SoftPromptPGD
 from conceptedit.errors import AttackError
 
 #: Attack kinds ``ctx.adversary`` and the attack suites accept.
-ADVERSARIES: dict[str, type[Any]] = {SoftPromptPGD.kind: SoftPromptPGD}
+ADVERSARIES: dict[str, type[Any]] = {
+    SoftPromptPGD.kind: SoftPromptPGD,
+    EmbeddingPGD.kind: EmbeddingPGD,
+    ConceptInversion.kind: ConceptInversion,
+    RingABell.kind: RingABell,
+}
 
 
 def make_adversary(kind: str, adapter: BackboneAdapter, **options: Any) -> Adversary:

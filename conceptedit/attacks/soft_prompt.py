@@ -1,13 +1,17 @@
 """Soft-prompt PGD: projected gradient descent on a few token embeddings of a prompt.
 
 k adversarial positions are inserted before (``prefix``) or after (``suffix``) the prompt's
-words, each starting at the embedding of a random vocabulary token. Every step lowers the
-caller's objective by moving only those rows, then projects them back into a ball around their
-start: L∞ (each coordinate within ``radius``; the step is the gradient's sign, as in FGSM/PGD)
-or L2 (each row within ``radius`` in Euclidean norm; the step is the normalised gradient). The
-denoiser sees the text encoder's output for the continuous rows, which is why this attack is
-stronger than any discrete prompt: it is the inner loop robust-erasure methods train against
-(AdvUnlearn, RACE, Receler). The nearest vocabulary tokens are decoded for reports only.
+words, each starting at the embedding of a random vocabulary token (or at rows the caller
+gives, ``start``). Every step lowers the caller's objective by moving only those rows, then
+projects them back into a ball around their start: L∞ (each coordinate within ``radius``; the
+step is the gradient's sign, as in FGSM/PGD) or L2 (each row within ``radius`` in Euclidean norm;
+the step is the normalised gradient). ``radius=None`` drops the ball. ``update`` picks the step
+rule: ``pgd`` (the fixed-size steps above), ``adam`` (Adam on the raw gradient, learning rate
+``step_size``) or ``adam_sign`` (Adam on the gradient's sign); AdvUnlearn's reference attacks are
+``adam`` and ``adam_sign`` without a ball (its ``pgd`` and ``fast_at``). The denoiser sees the
+text encoder's output for the continuous rows, which is why this attack is stronger than any
+discrete prompt: it is the inner loop robust-erasure methods train against (AdvUnlearn, RACE,
+Receler). The nearest vocabulary tokens are decoded for reports only.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from conceptedit.errors import AttackError
 
 Position = Literal["prefix", "suffix"]
 Norm = Literal["linf", "l2"]
+Update = Literal["pgd", "adam", "adam_sign"]
 
 
 def adversarial_slots(adapter: BackboneAdapter, prompt: str, k: int, position: Position) -> tuple[Tensor, list[int]]:
@@ -49,7 +54,7 @@ def prompt_text(adapter: BackboneAdapter, ids: Tensor) -> str:
 
 
 class SoftPromptPGD:
-    """PGD on ``tokens`` inserted token embeddings, within an L∞ or L2 ball of ``radius``."""
+    """PGD on ``tokens`` inserted token embeddings, within an L∞ or L2 ball of ``radius`` (or none)."""
 
     kind = "soft_prompt"
 
@@ -60,18 +65,29 @@ class SoftPromptPGD:
         tokens: int = 5,
         position: Position = "prefix",
         norm: Norm = "linf",
-        radius: float = 0.05,
+        radius: float | None = 0.05,
         steps: int = 40,
         step_size: float = 0.005,
+        update: Update = "pgd",
+        start: Tensor | None = None,
         seed: int = 0,
     ) -> None:
-        if tokens < 1 or steps < 1 or radius <= 0 or step_size <= 0:
-            raise AttackError("soft_prompt: tokens and steps must be at least 1, radius and step_size positive")
+        if tokens < 1 or steps < 1 or (radius is not None and radius <= 0) or step_size <= 0:
+            raise AttackError(
+                "soft_prompt: tokens and steps must be at least 1, radius (or None: no ball) and step_size positive"
+            )
         if position not in ("prefix", "suffix") or norm not in ("linf", "l2"):
             raise AttackError(f"soft_prompt: position {position!r} / norm {norm!r}: use prefix|suffix and linf|l2")
+        if update not in ("pgd", "adam", "adam_sign"):
+            raise AttackError(f"soft_prompt: update {update!r}: use pgd, adam or adam_sign")
+        if start is not None and (start.ndim != 2 or start.shape[0] != tokens):
+            shape = tuple(start.shape)
+            raise AttackError(f"soft_prompt: start must hold one row per token, [{tokens}, D]; got {shape}")
         self.adapter = adapter
         self.tokens, self.position, self.norm = tokens, position, norm
         self.radius, self.steps, self.step_size, self.seed = radius, steps, step_size, seed
+        self.update = update
+        self.start = None if start is None else start.detach()
 
     def attack(
         self, prompt: str, objective: Objective, *, check: Check | None = None, check_every: int | None = None
@@ -82,7 +98,10 @@ class SoftPromptPGD:
         generator = torch.Generator().manual_seed(self.seed)
         ids[0, slots] = self._random_tokens(table.shape[0], len(slots), generator)
         start = table[ids.to(table.device)].detach().float()
+        if self.start is not None:
+            start[0, slots] = self.start.to(start.device, start.dtype)
         delta = torch.zeros(len(slots), table.shape[1], device=table.device, requires_grad=True)
+        adam = torch.optim.Adam([delta], lr=self.step_size) if self.update != "pgd" else None
         losses: list[float] = []
         step = 0
         for step in range(1, self.steps + 1):
@@ -91,7 +110,11 @@ class SoftPromptPGD:
                 raise AttackError(f"soft_prompt: the objective is {float(loss)} at step {step}")
             (grad,) = torch.autograd.grad(loss, [delta])  # the model's own parameters get no gradient
             with torch.no_grad():
-                delta -= self.step_size * self._direction(grad)
+                if adam is None:
+                    delta -= self.step_size * self._direction(grad)
+                else:
+                    delta.grad = grad.sign() if self.update == "adam_sign" else grad
+                    adam.step()
                 delta.copy_(self._project(delta))
             losses.append(float(loss.detach()))
             due = step % (check_every or self.steps) == 0 and step < self.steps
@@ -116,6 +139,8 @@ class SoftPromptPGD:
         return grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def _project(self, delta: Tensor) -> Tensor:
+        if self.radius is None:
+            return delta
         if self.norm == "linf":
             return delta.clamp(-self.radius, self.radius)
         norms = delta.norm(dim=-1, keepdim=True)
@@ -144,5 +169,6 @@ class SoftPromptPGD:
             "radius": self.radius,
             "steps": self.steps,
             "step_size": self.step_size,
-            "start": "random vocabulary tokens (seeded)",
+            "update": self.update,
+            "start": "random vocabulary tokens (seeded)" if self.start is None else "given embeddings",
         }

@@ -277,6 +277,7 @@ def _run_json(result: Any, dry_run: bool) -> dict[str, Any]:
     return {
         "run_dir": str(result.run_dir) if result.run_dir else None,
         "changed": result.changed,
+        "edit_scope": result.manifest.get("edit_scope") if not dry_run else None,
         "edits": [o.as_dict() for o in result.outcomes],
         "dry_run": dry_run,
         "evaluation": [r.as_dict() for r in result.evaluation],
@@ -298,6 +299,9 @@ def _print_run(result: Any) -> None:
         )
     out.print(table)
     out.print(f"{len(result.changed)} tensors differ from the base model; saved to {result.run_dir}")
+    scope = result.manifest.get("edit_scope") or {}
+    if scope.get("scope") == "text_encoder":
+        out.print(f"edit.safetensors is a {scope['portable']}")
     if result.evaluation:
         from conceptedit.evaluation.evaluate import print_results
 

@@ -22,11 +22,17 @@ def load(pipeline: Any, run_dir: str | Path, *, check_base: bool = True, host: P
     """Apply the edit saved in ``run_dir`` to ``pipeline`` (in place) and return the pipeline.
 
     Args:
-        pipeline: The base model the run started from, freshly loaded.
+        pipeline: The base model the run started from, freshly loaded (for a text-encoder delta,
+            any pipeline with that base's text encoder).
         run_dir: A finished run folder (it has ``manifest.json`` and ``edit.safetensors``).
         check_base: Refuse when a tensor the edit replaces differs from the base it was made
             from -- the sign of loading into the wrong model or loading twice.
         host: Plugin host (for backbone adapters, and the methods that install guards).
+
+    Only the tensors the edit replaces are checked, so a text-encoder delta (``scope:
+    text_encoder`` in the edit file's metadata, e.g. an AdvUnlearn run) loads into any pipeline
+    whose text encoder is the base's, a fine-tuned UNet of the same base included; an edit that
+    also changes the UNet still needs the base's UNet tensors where it replaces them.
 
     Inference-time edits (``guards`` in the manifest) are installed after the weights, in
     recipe order, by the methods that saved them, so the plugin that made the run must be
@@ -88,8 +94,9 @@ def _target_parameters(
             and tensor_digest(param.detach()) != digests[name]
         ):
             raise RunDirError(
-                f"{folder}: the pipeline's {name} is not the base this edit was made from ({base_model}); "
-                "load that base model fresh, or pass check_base=False to apply it anyway"
+                f"{folder}: the pipeline's {name} is not the base this edit was made from ({base_model}). "
+                f"Edit scope {meta.get('scope')}: {meta.get('portable')}. Load a matching model fresh, "
+                "or pass check_base=False to apply it anyway"
             )
         params[name] = param
     return params

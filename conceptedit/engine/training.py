@@ -5,7 +5,10 @@ precision and device placement (through accelerate, so the same recipe runs on a
 GPU or under ``accelerate launch``), resumable checkpoints, the loss log and the checks
 that stop a run when a loss stops being finite. A method contributes which parameters
 train and a dictionary of loss terms per micro-batch; a training group sums several
-methods' terms with their weights.
+methods' terms with their weights. A method may also add modules of its own (adapters such as
+Receler's erasers, :meth:`~conceptedit.EditMethod.added_modules`): they train with the rest,
+are checkpointed, never enter the weight ledger, and are saved after the last step as the guard
+the method makes of them (:meth:`~conceptedit.EditMethod.trained_guard`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from conceptedit.api.method import EditMethod
 from conceptedit.api.params import TrainingConfig
 from conceptedit.engine.context import EditContext, RunContext
+from conceptedit.engine.guards import GUARDS_DIR, guard_file_name, write_guard
 from conceptedit.engine.memory import ParkedModules, map_large_allocations, release_freed_memory
 from conceptedit.errors import TrainingError
 from conceptedit.io.atomic import atomic_dir
@@ -46,45 +50,105 @@ class Member:
 
 @dataclass
 class TrainingReport:
-    """What a training loop did."""
+    """What a training loop did: ``trained`` names the base parameters it changed, ``added`` the
+    parameters of modules methods added, ``guards`` the files their trained guards went to."""
 
     steps: int
     resumed_from: int
     trained: list[str]
     last_losses: dict[str, float]
     log: Path
+    added: list[str] = field(default_factory=list)
+    guards: list[str] = field(default_factory=list)
+
+
+def train(
+    members: list[Member], config: TrainingConfig, run: RunContext, label: str, resume: bool = False
+) -> TrainingReport:
+    """Train ``members`` together for ``config.steps`` steps on the sum of their weighted losses.
+
+    Modules the methods add are attached for the whole loop (and taken off after it, also on
+    failure); the guards the methods make of them are written once the last step is done.
+    """
+    with ExitStack() as stack:
+        added = _added_parameters(members, run, stack)
+        report = _train_loop(members, config, run, label, resume, added)
+        report.guards = _write_trained_guards(members, run)
+    return report
+
+
+def _added_parameters(members: list[Member], run: RunContext, stack: ExitStack) -> list[dict[str, nn.Parameter]]:
+    """Enter each member's ``added_modules`` context; per member, its modules' parameters by name."""
+    added: list[dict[str, nn.Parameter]] = []
+    for k, member in enumerate(members):
+        mine: dict[str, nn.Parameter] = {}
+        for key, module in stack.enter_context(member.method.added_modules(member.ctx)).items():
+            if not isinstance(module, nn.Module):
+                raise TrainingError(f"{member.ctx.label}: added module {key!r} is a {type(module).__name__}")
+            mine |= {f"added.{k}.{key}.{path}": param for path, param in module.named_parameters()}
+        added.append(mine)
+    if any(added) and run.process_index is not None:
+        raise TrainingError(
+            "modules added by a method train outside the data-parallel wrapper, so their gradients "
+            "would not be averaged across processes; run this recipe in one process"
+        )
+    return added
+
+
+def _write_trained_guards(members: list[Member], run: RunContext) -> list[str]:
+    """Each member's ``trained_guard``, saved as an inference guard is (run folder, ``guards/``)."""
+    files = []
+    for k, member in enumerate(members):
+        guard = member.method.trained_guard(member.ctx)
+        if guard is None:
+            continue
+        label = member.ctx.label if len(members) == 1 else f"{member.ctx.label}-{k}"  # group members share an index
+        name = guard_file_name(member.ctx.index, label)
+        write_guard(run.run_dir / GUARDS_DIR / name, method=member.method.name, label=member.ctx.label, guard=guard)
+        files.append(f"{GUARDS_DIR}/{name}")
+    return files
 
 
 # Split into pieces, the loop's order (set-up, each step, checkpoints, tear-down) would be read across
 # five functions; long on purpose, so it reads top to bottom as nanoGPT's does.
-def train(
-    members: list[Member], config: TrainingConfig, run: RunContext, label: str, resume: bool = False
+def _train_loop(
+    members: list[Member],
+    config: TrainingConfig,
+    run: RunContext,
+    label: str,
+    resume: bool,
+    added: list[dict[str, nn.Parameter]],
 ) -> TrainingReport:
-    """Train ``members`` together for ``config.steps`` steps on the sum of their weighted losses."""
     adapter = run.adapter
     params: dict[str, nn.Parameter] = {}
-    for member in members:
+    for member, extra in zip(members, added, strict=True):
         names = list(member.method.trainable_parameters(member.ctx))
-        if not names:
-            raise TrainingError(f"{member.ctx.label}: the method declares no trainable parameters")
+        if not names and not extra:
+            raise TrainingError(f"{member.ctx.label}: the method declares no trainable parameters and adds no modules")
         for name in names:
             params[name] = adapter.get_parameter(name)
-    names = sorted(params)
-    run.ledger.touch(names)
+    base = sorted(params)  # the pipeline's own tensors: recorded by the ledger, saved in edit.safetensors
+    run.ledger.touch(base)
     map_large_allocations()
     for member in members:
         member.method.prepare_training(member.ctx)
+    held = HeldEntries.collect(members, params, run.ledger.edit_start)
+    for extra in added:
+        params |= extra
+    names = sorted(params)
     release_freed_memory()
 
     checkpoint_root = run.run_dir / "checkpoints" / _slug(label)
     log_path = run.run_dir / "logs" / f"{_slug(label)}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    components = sorted({name.split(".", 1)[0] for name in names})
+    components = sorted({name.split(".", 1)[0] for name in base})
 
     idle = {}
     if config.park_idle_modules:
         pipeline_modules = getattr(run.pipeline, "components", {})
-        idle = {k: m for k, m in pipeline_modules.items() if isinstance(m, nn.Module) and k not in components}
+        # The denoiser runs every step even when only the text encoder trains (AdvUnlearn): never idle.
+        running = {*components, "unet"}
+        idle = {k: m for k, m in pipeline_modules.items() if isinstance(m, nn.Module) and k not in running}
     with (
         ParkedModules(idle) as parked,
         _only_these_train(adapter.components(), params.values(), config.gradient_checkpointing),
@@ -105,7 +169,8 @@ def train(
             with run.reporter.task(f"{label}: train", config.steps) as bar:
                 bar.advance(start)
                 for step in range(start + 1, config.steps + 1):
-                    last = _step(members, config, accelerator, optimizer, [params[n] for n in names], step, label)
+                    trained = [params[n] for n in names]
+                    last = _step(members, config, accelerator, optimizer, trained, step, label, held)
                     if config.zero_grad:
                         optimizer.zero_grad(set_to_none=True)
                     lr = float(optimizer.param_groups[0]["lr"])
@@ -122,7 +187,7 @@ def train(
             run.training_modules = {}
             run.parked = None
             accelerator.free_memory()
-    return TrainingReport(config.steps, start, names, last, log_path)
+    return TrainingReport(config.steps, start, base, last, log_path, added=sorted(set(names) - set(base)))
 
 
 def _step(
@@ -133,6 +198,7 @@ def _step(
     params: list[nn.Parameter],
     step: int,
     label: str,
+    held: HeldEntries | None = None,
 ) -> dict[str, float]:
     totals: dict[str, float] = {}
     total = 0.0
@@ -158,11 +224,64 @@ def _step(
         assert loss is not None
         total += float(loss.detach()) / config.grad_accum
         accelerator.backward(loss / config.grad_accum)
+    if held is not None:
+        held.zero_gradients()
     if config.max_grad_norm is not None:
         accelerator.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
+    if held is not None:
+        held.restore()
     totals["total"] = total
     return totals
+
+
+@dataclass
+class HeldEntries:
+    """Entries of trained parameters that methods' gradient masks keep at their edit-start values.
+
+    ``held[name]`` is True where no method lets the entry train (the AND of the masks, inverted);
+    ``start[name]`` is the parameter at the start of the edit (the ledger's copy).
+    """
+
+    params: dict[str, nn.Parameter]
+    held: dict[str, Tensor]
+    start: dict[str, Tensor]
+
+    @classmethod
+    def collect(
+        cls, members: list[Member], params: dict[str, nn.Parameter], start: dict[str, Tensor]
+    ) -> HeldEntries | None:
+        """The members' :meth:`~conceptedit.EditMethod.gradient_masks`, checked; None when none gives one."""
+        held: dict[str, Tensor] = {}
+        for member in members:
+            for name, mask in member.method.gradient_masks(member.ctx).items():
+                if name not in params:
+                    raise TrainingError(f"{member.ctx.label}: gradient mask for {name}, which it does not train")
+                param = params[name]
+                if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != param.shape:
+                    raise TrainingError(
+                        f"{member.ctx.label}: the gradient mask of {name} must be a bool tensor of shape "
+                        f"{tuple(param.shape)}, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                        f"{tuple(getattr(mask, 'shape', ()))}"
+                    )
+                frozen = ~mask.to(param.device)
+                held[name] = held[name] | frozen if name in held else frozen
+        held = {name: frozen for name, frozen in held.items() if bool(frozen.any())}
+        return cls(params, held, {n: start[n] for n in held}) if held else None
+
+    def zero_gradients(self) -> None:
+        """Zero the held entries' gradients (before clipping and the step)."""
+        for name, frozen in self.held.items():
+            grad = self.params[name].grad
+            if grad is not None:
+                grad.masked_fill_(frozen, 0)
+
+    def restore(self) -> None:
+        """Put the held entries back to their edit-start values (after the step: weight decay moved them)."""
+        with torch.no_grad():
+            for name, frozen in self.held.items():
+                param = self.params[name]
+                param.copy_(torch.where(frozen, self.start[name], param))
 
 
 def _optimizer(config: TrainingConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

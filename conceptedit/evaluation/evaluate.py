@@ -9,8 +9,8 @@ pipeline with the run's original weights swapped back in (no second copy of the 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,10 +88,24 @@ class _PipelineModel:
     pipeline: Any
     host: PluginHost
     steps: int
+    #: The base model's arm; None when this model is the base (or there is none).
+    base: _Arm | None = None
+    is_base: bool = False
 
     @property
     def adapter(self) -> Any:
         return resolve_backbone(self.pipeline, self.host.registry.backbones)
+
+    @contextmanager
+    def base_model(self) -> Iterator[Any]:
+        if self.is_base:
+            yield self.adapter
+            return
+        if self.base is None:
+            raise PluginError("this scorer needs the base model: pass --compare BASE to `conceptedit eval`")
+        pipeline, weights = self.base
+        with weights():
+            yield resolve_backbone(pipeline, self.host.registry.backbones)
 
     def render(self, hidden: Tensor, seed: int, guidance: float | None) -> tuple[Image.Image, Tensor]:
         images, latents = sample(
@@ -152,11 +166,13 @@ def evaluate(
                 else None
             )
             edited_out = _render_arm(edited, prompts, mine, spec, host, bar)
-            shown, scores = _score_arm(edited, evaluator, prompts, mine, edited_out, base_out, spec, host)
+            shown, scores = _score_arm(edited, evaluator, prompts, mine, edited_out, base_out, spec, host, base=base)
             base_shown: list[Any] = [None] * len(prompts)
             base_scores = None
             if compare and base is not None and base_out is not None:
-                base_shown, base_scores = _score_arm(base, evaluator, prompts, mine, base_out, base_out, spec, host)
+                base_shown, base_scores = _score_arm(
+                    base, evaluator, prompts, mine, base_out, base_out, spec, host, is_base=True
+                )
         results.append(_suite_result(spec, suite, evaluator, pipeline, prompts, scores, base_scores, shown, base_shown))
     return results
 
@@ -245,12 +261,16 @@ def _score_arm(
     base_out: _Rendered | None,
     spec: EvaluateSpec,
     host: PluginHost,
+    *,
+    base: _Arm | None = None,
+    is_base: bool = False,
 ) -> tuple[list[Any], list[dict[str, Any]]]:
     """(image, scorer's extra image) of the first :data:`EXAMPLES` prompts (None after) and the
     scores of every prompt, in order.
 
     Seeds are per image, so splitting the prompts over processes changes no image and no number;
-    the shares are gathered back into prompt order. Scorers that generate see this arm's model.
+    the shares are gathered back into prompt order. Scorers that generate see this arm's model, and
+    the base arm through it (``is_base``: this arm is the base).
     """
     pipeline, weights = arm
     images, latents = out
@@ -272,7 +292,7 @@ def _score_arm(
     ]
     with weights():
         if evaluator.needs_model:
-            evaluator.attach(_PipelineModel(pipeline, host, spec.steps))
+            evaluator.attach(_PipelineModel(pipeline, host, spec.steps, base, is_base))
         scores = evaluator.score(samples)
     rows = []
     for i, image, score in zip(mine, images, scores, strict=True):

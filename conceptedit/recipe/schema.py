@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from copy import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, cast
 
 from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, create_model
 
@@ -58,7 +58,11 @@ def _constrained_training(training: type[TrainingConfig]) -> type[TrainingConfig
         restored[name] = (field.annotation, info)
     if not restored:
         return training
-    model = create_model(training.__name__, __base__=training, __module__=training.__module__, **restored)
+    # The pydantic mypy plugin types the result as a new class unrelated to ``training``; it is a subclass.
+    model = cast(
+        "type[TrainingConfig]",
+        create_model(training.__name__, __base__=training, __module__=training.__module__, **restored),
+    )
     model.__doc__ = training.__doc__
     return model
 

@@ -260,8 +260,8 @@ class AttackOptions(ShapesOptions, AttackSettings):
 class ShapesAttack(_ShapesSuite):
     name = "shapes-attack"
     summary = (
-        "builtin:shapes: UnlearnDiffAtk prompt attack (or its random-token control) on the target's prompts "
-        "(needs a base model)"
+        "builtin:shapes: a prompt attack on the target's prompts: UnlearnDiffAtk, its random-token control, soft "
+        "prompts, concept inversion or Ring-A-Bell (strategy option; needs a base model)"
     )
     scorer = "unlearndiffatk"
     Options = AttackOptions
@@ -282,7 +282,13 @@ class ShapesAttack(_ShapesSuite):
 
     def scorer_options(self) -> dict[str, Any]:
         options: AttackOptions = self.options  # type: ignore[assignment]
-        return options.attack_options("shapes-judge", strict=options.strict)
+        return {**options.attack_options("shapes-judge", strict=options.strict), "ring_pairs": self.concept_pairs()}
+
+    def concept_pairs(self) -> list[tuple[str, str]]:
+        """Ring-A-Bell's prompts with and without the target: its explicit prompts, and each without its word."""
+        options: AttackOptions = self.options  # type: ignore[assignment]
+        explicit = shapes_prompt_sets(options.target).explicit
+        return [(p.text, " ".join(w for w in p.text.split(" ") if w != options.target)) for p in explicit]
 
     def summarise(self, prompts: Sequence[SuitePrompt], scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         return attack_metrics(scores)

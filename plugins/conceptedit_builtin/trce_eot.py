@@ -20,12 +20,18 @@ Differences from the reference code (see docs/methods/trce.md):
   ``s`` under either reading, so the choice is explicit in the recipe.
 * the reference's last-padding row weighs ``77 − words − 2`` (it stands for every padding
   position); here it weighs like any other row unless ``rows.last_pad_weighting: padding``.
+* ``adversarial`` (off by default; not in the paper) makes the mapping robust the way RECE makes
+  UCE robust: after the mapping, each round derives in closed form, for every malicious prompt,
+  the embedding with which the edited projections reproduce what the original ones made of it
+  (:func:`~conceptedit.toolkit.matching_inputs`), adds its rows at the mapped token positions as
+  further keys with the same safe targets, and solves the mapping again with every pair so far.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -43,7 +49,7 @@ from conceptedit import (
     PromptPair,
     hookimpl,
 )
-from conceptedit.toolkit import embedding_prior, read_prompts, resolve_prompt_file
+from conceptedit.toolkit import embedding_prior, matching_inputs, read_prompts, resolve_prompt_file
 
 #: Largest index a legacy word count may reach (SD's 77-token context).
 _LAST = 76
@@ -126,6 +132,23 @@ class ReferenceEta(MethodParams):
         return self.preserve_scale**2 * CACHE_CAPTIONS[self.cache] / _REFERENCE_DIVISOR
 
 
+class AdversarialRounds(MethodParams):
+    """Robust TRCE: rounds that add closed-form adversarial [EoT] embeddings to the mapping's pairs.
+
+    After the mapping, each round finds for every malicious prompt the embedding that makes the
+    *edited* projections give what the *original* ones gave the prompt (RECE's closed form,
+    ``c' = (Σ W'ᵀW' + λ_r I)⁻¹ Σ W'ᵀW₀ c``, every row), takes its rows at the same token positions
+    as the mapping (first [EoT], last padding, ...), pairs them with the same safe rows, and solves
+    the mapping again with every pair found so far.
+    """
+
+    rounds: PositiveInt = Field(2, description="Adversarial rounds after the plain mapping (RECE: 1-3).")
+    regular_scale: NonNegativeFloat = Field(
+        0.1, description="λ_r pulling the adversarial embedding toward zero (RECE: 0.1 nudity, 1e-3 objects)."
+    )
+    weight: PositiveFloat = Field(1.0, description="Weight of each adversarial row relative to a prompt's own row.")
+
+
 class TrceEotParams(MethodParams):
     concepts: ConceptRef = Field(description="Concept set of [malicious, safe] pairs expanded by templates.")
     rows: TokenRows = Field(default_factory=TokenRows, description="Token rows and their weights.")
@@ -145,6 +168,11 @@ class TrceEotParams(MethodParams):
     prior: PriorSpec | None = Field(default_factory=PriorSpec, description="Preservation prior (null: none).")
     ridge: NonNegativeFloat = Field(0.0, description="λ‖W'−W‖² (TRCE uses 0).")
     projections: list[Literal["k", "v"]] = Field(["k", "v"], min_length=1, description="Projections to edit.")
+    adversarial: AdversarialRounds | None = Field(
+        None,
+        description="Robust TRCE (this project's option, not the paper's): rounds that also map closed-form "
+        "adversarial embeddings of the malicious prompts (null: the paper's single mapping).",
+    )
 
     @model_validator(mode="after")
     def _derive_eta(self) -> TrceEotParams:
@@ -184,47 +212,76 @@ class TrceEot(EditMethod[TrceEotParams]):
         pairs = ctx.concept_pairs(p.concepts)
         malicious = self.encode_prompts(ctx, [pair.source for pair in pairs])
         safe = self.encode_prompts(ctx, [pair.target for pair in pairs])
-        keys, targets, weights = [], [], []
-        n = len(pairs)
-        for row in ("sot", "eot", "last_pad"):
-            weight = getattr(p.rows, row)
-            if weight > 0:
-                keys.append(malicious.row(row))
-                targets.append(safe.row(row))
-                per_pair = torch.full((n,), weight / n)
-                if row == "last_pad" and p.rows.last_pad_weighting == "padding":
-                    # Padding positions after the malicious prompt's first [EoT] (by the chosen index
-                    # convention): the reference's 77 − words − 2 when the index is words + 1.
-                    last = malicious.input_ids.shape[1] - 1
-                    per_pair = per_pair * (last - malicious.eot_index).clamp(min=0)
-                weights.append(per_pair)
-        if p.rows.keyword > 0:
-            m_pos = malicious.keyword_positions([ctx.adapter.token_ids(pair.concept) for pair in pairs])
-            s_pos = safe.keyword_positions([ctx.adapter.token_ids(pair.target_concept) for pair in pairs])
-            found = m_pos >= 0
-            s_pos = torch.where(s_pos >= 0, s_pos, safe.eot_index)  # a target with no words maps to its [EoT]
-            keys.append(malicious.rows(m_pos.clamp(min=0))[found])
-            targets.append(safe.rows(s_pos)[found])
-            weights.append(torch.full((int(found.sum()),), p.rows.keyword / n))
-        if p.rows.following > 0:
-            found_keys, found_targets = _following_rows(ctx, pairs, malicious, safe)
-            keys.append(found_keys)
-            targets.append(found_targets)
-            weights.append(torch.full((len(found_keys),), p.rows.following / n))
+        keys, targets, weights = _mapping_rows(ctx, p.rows, pairs, malicious, safe)
         prior = None
         if p.prior is not None:
             path, column = resolve_prompt_file(p.prior.captions, ctx.cache_dir, ctx.base_dir)
             prior = embedding_prior(ctx, read_prompts(path, column, p.prior.limit), p.prior.positions)
-        yield KVEdit(
-            keys=torch.cat(keys),
-            targets=torch.cat(targets),
-            weights=torch.cat(weights),
-            prior=prior,
-            prior_scale=p.eta,
-            ridge=p.ridge,
-            projections=tuple(p.projections),
-            label=f"TRCE [EoT] mapping ({n} pairs)",
-        )
+
+        def mapping(label: str) -> KVEdit:
+            return KVEdit(
+                keys=torch.cat(keys),
+                targets=torch.cat(targets),
+                weights=torch.cat(weights),
+                prior=prior,
+                prior_scale=p.eta,
+                ridge=p.ridge,
+                projections=tuple(p.projections),
+                label=label,
+            )
+
+        yield mapping(f"TRCE [EoT] mapping ({len(pairs)} pairs)")
+        if p.adversarial is None:
+            return
+        projections = [layer.projection(w) for layer in ctx.cross_attention_layers() for w in p.projections]
+        with torch.no_grad(), ctx.reference_weights("base"):
+            original = [proj.weight.detach().clone() for proj in projections]
+        shape = malicious.hidden.shape
+        for round_ in range(p.adversarial.rounds):
+            current = [proj.weight.detach() for proj in projections]  # the weights the last solve left
+            found = matching_inputs(
+                current, original, malicious.hidden.reshape(-1, shape[-1]), p.adversarial.regular_scale
+            )
+            adversarial = replace(malicious, hidden=found.reshape(shape).to(malicious.hidden.dtype))
+            more_keys, more_targets, more_weights = _mapping_rows(ctx, p.rows, pairs, adversarial, safe)
+            keys += more_keys
+            targets += more_targets
+            weights += [w * p.adversarial.weight for w in more_weights]
+            yield mapping(f"TRCE [EoT] mapping, adversarial round {round_ + 1}/{p.adversarial.rounds}")
+
+
+def _mapping_rows(
+    ctx: EditContext, rows: TokenRows, pairs: Sequence[PromptPair], malicious: PromptEncoding, safe: PromptEncoding
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The key rows of ``malicious``, the safe rows they map to and their weights, per chosen row kind."""
+    keys, targets, weights = [], [], []
+    n = len(pairs)
+    for row in ("sot", "eot", "last_pad"):
+        weight = getattr(rows, row)
+        if weight > 0:
+            keys.append(malicious.row(row))
+            targets.append(safe.row(row))
+            per_pair = torch.full((n,), weight / n)
+            if row == "last_pad" and rows.last_pad_weighting == "padding":
+                # Padding positions after the malicious prompt's first [EoT] (by the chosen index
+                # convention): the reference's 77 − words − 2 when the index is words + 1.
+                last = malicious.input_ids.shape[1] - 1
+                per_pair = per_pair * (last - malicious.eot_index).clamp(min=0)
+            weights.append(per_pair)
+    if rows.keyword > 0:
+        m_pos = malicious.keyword_positions([ctx.adapter.token_ids(pair.concept) for pair in pairs])
+        s_pos = safe.keyword_positions([ctx.adapter.token_ids(pair.target_concept) for pair in pairs])
+        found = m_pos >= 0
+        s_pos = torch.where(s_pos >= 0, s_pos, safe.eot_index)  # a target with no words maps to its [EoT]
+        keys.append(malicious.rows(m_pos.clamp(min=0))[found])
+        targets.append(safe.rows(s_pos)[found])
+        weights.append(torch.full((int(found.sum()),), rows.keyword / n))
+    if rows.following > 0:
+        found_keys, found_targets = _following_rows(ctx, pairs, malicious, safe)
+        keys.append(found_keys)
+        targets.append(found_targets)
+        weights.append(torch.full((len(found_keys),), rows.following / n))
+    return keys, targets, weights
 
 
 def _following_rows(

@@ -29,6 +29,13 @@ Differences from the reference code, on purpose (docs/methods/trce.md):
   TRCE keeps only the unconditional prediction, which leaves every other concept's conditional
   prediction free to move with the erased one (on builtin:shapes, blue's neighbours lost 14% of
   their accuracy to stage 2 that way).
+* ``adversarial`` (not the default) is robust TRCE: every ``every`` steps the shared adversary
+  (soft-prompt PGD or concept inversion, ``ctx.adversary``) finds, for the drawn malicious prompt,
+  the prompt with which the model being trained predicts at the drawn latent what the original
+  predicted for the malicious one, ``min_h MSE(ε_θ(x,t,h), ε(x,t,c_m))``; the hinge then also
+  steers ``ε_θ(x,t,h_adv)`` (term ``erase_adversarial``, times ``weight``). The attack needs the
+  text encoder, so it stays loaded; a resumed run finds its adversarial prompts again on the
+  weights it resumes from.
 """
 
 from __future__ import annotations
@@ -52,6 +59,25 @@ from conceptedit.toolkit import (
     sample_planned,
     select_parameters,
 )
+
+
+class AdversarialSteer(MethodParams):
+    """Robust TRCE stage 2: also steer the prediction under an adversarial prompt the shared adversary
+    finds against the model being trained (``ctx.adversary``, the attack suites' implementation)."""
+
+    attack: Literal["soft_prompt", "concept_inversion"] = Field(
+        "soft_prompt",
+        description="soft_prompt: PGD on `tokens` prefix token embeddings in an L∞ ball of `radius`; "
+        "concept_inversion: `tokens` free token embeddings in the concept's place (CCE), from its embedding.",
+    )
+    tokens: PositiveInt = Field(5, description="Adversarial token embeddings (soft_prompt: 5; CCE uses 1).")
+    steps: PositiveInt = Field(10, description="Attack steps per refresh.")
+    radius: PositiveFloat = Field(0.05, description="soft_prompt: L∞ radius of the ball.")
+    step_size: PositiveFloat = Field(
+        0.005, description="soft_prompt: PGD step; concept_inversion: AdamW learning rate."
+    )
+    every: PositiveInt = Field(10, description="Refresh each pair's adversarial prompt every N steps.")
+    weight: NonNegativeFloat = Field(1.0, description="Weight of the adversarial hinge next to the plain one.")
 
 
 class TrceSteerParams(MethodParams):
@@ -83,6 +109,12 @@ class TrceSteerParams(MethodParams):
     )
     caption_trajectories: PositiveInt = Field(
         64, description="Runs over preserve_captions (the first N captions, one seed each), when it is set."
+    )
+    adversarial: AdversarialSteer | None = Field(
+        None,
+        description="This project's option (null: TRCE): every `every` steps find, per malicious prompt, the "
+        "prompt the shared adversary makes the model being trained draw the concept from, and add the hinge on "
+        "the prediction under it.",
     )
     trainable: list[str] = Field(
         ["attn1.", "attn2.to_q."],
@@ -116,6 +148,8 @@ class TrceSteer(EditMethod[TrceSteerParams]):
         enc = ctx.encode_prompts([m for m, _ in pairs] + [s for _, s in pairs] + [""])
         n = len(pairs)
         self.malicious, self.safe, self.empty = enc.hidden[:n], enc.hidden[n : 2 * n], enc.hidden[2 * n :]
+        self.pairs = pairs
+        self.adversarial: dict[int, tuple[int, Tensor]] = {}  # pair -> (refresh, adversarial hidden)
 
         timesteps = ddim_timesteps(ctx, p.sampling_steps)
         early = int((timesteps >= p.min_timestep).sum())
@@ -198,22 +232,63 @@ class TrceSteer(EditMethod[TrceSteerParams]):
             f_unsafe = e_m + p.guidance * (e_m - e_0)
 
         steered = 2 if p.anchors == "both" else 1  # ε_θ(x,t,c_m), and ε_θ(x,t,∅) with "both"
+        conditions = [*[c_m, empty][:steered]]
+        if p.adversarial is not None:  # the prompt that brings the concept back, as the model is now
+            conditions.append(self._adversarial(ctx, step, pair, x, t, e_m))
         pred = _wide(
             ctx.predict_noise(
-                torch.cat([x.expand(steered, -1, -1, -1), xr]),
-                torch.cat([t.expand(steered), tr]),
-                torch.cat([*[c_m, empty][:steered], cr]),
+                torch.cat([x.expand(len(conditions), -1, -1, -1), xr]),
+                torch.cat([t.expand(len(conditions)), tr]),
+                torch.cat([*conditions, cr]),
             )
         )
-        anchors, reg_pred = pred[:steered], pred[steered:]
-        hinge = torch.stack(
-            [F.relu(F.mse_loss(a, f_safe[0]) - F.mse_loss(a, f_unsafe[0]) + p.margin) for a in anchors]
-        ).mean()
-        terms = {"erase": hinge}
+        anchors, reg_pred = pred[: len(conditions)], pred[len(conditions) :]
+        hinges = [F.relu(F.mse_loss(a, f_safe[0]) - F.mse_loss(a, f_unsafe[0]) + p.margin) for a in anchors]
+        terms = {"erase": torch.stack(hinges[:steered]).mean()}
+        if p.adversarial is not None:
+            terms["erase_adversarial"] = p.adversarial.weight * hinges[-1]
         terms["preserve"] = p.preserve_weight * F.mse_loss(reg_pred[:u], reg_target[:u])
         if self.kept is not None:
             terms["preserve_captions"] = p.preserve_weight * F.mse_loss(reg_pred[u:], reg_target[u:])
         return terms
+
+    def _adversarial(self, ctx: EditContext, step: int, pair: int, x: Tensor, t: Tensor, e_m: Tensor) -> Tensor:
+        """Pair ``pair``'s adversarial hidden states, found again every ``every`` steps: the prompt with
+        which the model being trained predicts, at this draw's latent, what the original model predicted
+        for the malicious prompt (the concept coming back)."""
+        adv = self.params.adversarial
+        assert adv is not None
+        refresh = (step - 1) // adv.every
+        cached = self.adversarial.get(pair)
+        if cached is not None and cached[0] == refresh:
+            return cached[1]
+        prompt, template, init = self._attacked(ctx, pair)
+        seed = ctx.seed_for("trce_steer", "adversary", pair, refresh)
+        if adv.attack == "soft_prompt":
+            adversary = ctx.adversary(
+                "soft_prompt", tokens=adv.tokens, steps=adv.steps, radius=adv.radius, step_size=adv.step_size, seed=seed
+            )
+        else:
+            adversary = ctx.adversary(
+                "concept_inversion", tokens=adv.tokens, steps=adv.steps, lr=adv.step_size, init=init, seed=seed
+            )
+
+        def objective(hidden: Tensor) -> Tensor:
+            return F.mse_loss(_wide(ctx.predict_noise(x, t, hidden, frozen=True)), e_m)
+
+        found = adversary.attack(prompt if adv.attack == "soft_prompt" else template, objective)
+        hidden = found.hidden.detach().to(self.malicious.dtype)
+        self.adversarial[pair] = (refresh, hidden)
+        return hidden
+
+    def _attacked(self, ctx: EditContext, pair: int) -> tuple[str, str, str | None]:
+        """The malicious prompt, its template with ``{}`` in the concept's place (first when absent), and
+        the concept's words (concept inversion starts from them)."""
+        prompt = self.pairs[pair][0]
+        for found in ctx.concept_pairs(self.params.concepts):
+            if found.concept and found.concept in prompt:
+                return prompt, prompt.replace(found.concept, "{}", 1), found.concept
+        return prompt, "{} " + prompt, None
 
 
 def _wide(prediction: Tensor) -> Tensor:

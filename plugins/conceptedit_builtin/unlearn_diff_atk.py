@@ -21,19 +21,42 @@ as in the paper's attack success rate (ASR); the plain rate is reported next to 
 (:class:`conceptedit.toolkit.SoftPromptPGD`, the one training methods get from
 ``ctx.adversary("soft_prompt")``) lowers the same diffusion loss, and every ``check_every``
 steps the image drawn from the continuous prompt is judged.
+
+``strategy: concept_inversion`` (CCE) fits ``inversion_tokens`` new token embeddings, free of
+any ball, on the same loss and the same base image, placed where the prompt names the target
+(``labels["target"]``; first, when it does not) and started from the target word's embedding:
+the attack never needs the erased word itself. ``strategy: ring_a_bell`` never touches the
+denoiser: a genetic search finds ``ring_length`` discrete tokens whose text encoding is nearest
+the prompt's own plus ``ring_strength`` times the concept vector of ``ring_pairs`` (prompts with
+and without the concept, which the suite supplies); the found prompt is drawn and judged once.
+Every adversary is the shared one in :mod:`conceptedit.attacks` (``ctx.adversary`` in training).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from conceptedit import AdversarialPrompt, AttackError, Evaluator, PluginError, Sample, hookimpl
-from conceptedit.toolkit import EXTRA_IMAGE, add_noise, adversarial_slots, alphas_cumprod, make_adversary, prompt_text
+from conceptedit import AdversarialPrompt, Adversary, AttackError, Evaluator, PluginError, Sample, hookimpl
+from conceptedit.toolkit import (
+    EXTRA_IMAGE,
+    add_noise,
+    adversarial_slots,
+    alphas_cumprod,
+    concept_vector,
+    denoising_objective,
+    embedding_target_objective,
+    make_adversary,
+    prompt_text,
+    ring_a_bell_target,
+)
+
+STRATEGIES = ("gradient", "random", "soft_prompt", "concept_inversion", "ring_a_bell")
 
 
 def project_to_simplex(weights: Tensor) -> Tensor:
@@ -69,12 +92,29 @@ class UnlearnDiffAtk(Evaluator):
         norm: str = "linf",
         radius: float = 0.05,
         step_size: float = 0.005,
+        inversion_tokens: int = 1,
+        inversion_lr: float = 5e-3,
+        ring_length: int = 16,
+        ring_population: int = 50,
+        ring_generations: int = 100,
+        ring_strength: float = 3.0,
+        ring_pairs: Sequence[Sequence[str]] | None = None,
     ) -> None:
         if tokens < 1 or iterations < 1 or check_every < 1:
             raise PluginError("unlearndiffatk: tokens, iterations and check_every must be at least 1")
-        if strategy not in ("gradient", "random", "soft_prompt"):
-            raise PluginError(f"unlearndiffatk: strategy {strategy!r} is not 'gradient', 'random' or 'soft_prompt'")
+        if strategy not in STRATEGIES:
+            raise PluginError(f"unlearndiffatk: strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if strategy == "ring_a_bell" and not ring_pairs:
+            raise PluginError(
+                "unlearndiffatk: strategy ring_a_bell needs ring_pairs, prompts (with, without) the concept for its "
+                "concept vector; this suite does not supply them"
+            )
         self.soft = {"norm": norm, "radius": radius, "step_size": step_size}
+        self.inversion = {"tokens": inversion_tokens, "lr": inversion_lr}
+        self.ring = {"length": ring_length, "population": ring_population, "generations": ring_generations}
+        self.ring_strength = ring_strength
+        self.ring_pairs = [(str(a), str(b)) for a, b in ring_pairs or ()]
+        self._vector: Tensor | None = None
         self.strategy = strategy
         self.judge_name = judge
         self.judge_options = dict(judge_options or {})
@@ -122,8 +162,10 @@ class UnlearnDiffAtk(Evaluator):
         train_steps = int(adapter.scheduler.config.num_train_timesteps)
         clean = sample.base_latent.unsqueeze(0).to(table.device)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + sample.seed % 1_000_003)
-        if self.strategy == "soft_prompt":
-            return self._soft(sample, judge, clean, alphas, generator)
+        if self.strategy in ("soft_prompt", "concept_inversion"):
+            return self._continuous(sample, judge, denoising_objective(adapter, clean, alphas, generator))
+        if self.strategy == "ring_a_bell":
+            return self._ring_a_bell(sample, judge)
         special = [i for i in {adapter.tokenizer.bos_token_id, eos, adapter.tokenizer.pad_token_id} if i is not None]
         if self.strategy == "random":
             return self._random(sample, judge, ids, k, special, table.shape[0], generator)
@@ -176,41 +218,65 @@ class UnlearnDiffAtk(Evaluator):
                 break
         return result
 
-    def _soft(
-        self, sample: Sample, judge: Evaluator, clean: Tensor, alphas: Tensor, generator: torch.Generator
-    ) -> dict[str, Any]:
-        """The shared soft-prompt PGD on the same loss; the continuous prompt's image is judged."""
-        adapter = self.model.adapter
-        train_steps = int(adapter.scheduler.config.num_train_timesteps)
-        options = {"tokens": self.tokens, "steps": self.iterations, **self.soft}
-        adversary = make_adversary("soft_prompt", adapter, seed=self.seed * 1_000_003 + sample.seed, **options)
+    def _continuous(self, sample: Sample, judge: Evaluator, objective: Any) -> dict[str, Any]:
+        """Soft-prompt PGD or concept inversion on the diffusion loss; the continuous prompt's image is judged
+        every ``check_every`` steps."""
+        adversary, template = self._adversary(sample)
         verdicts: list[dict[str, Any]] = []
 
-        def objective(hidden: Tensor) -> Tensor:
-            t = torch.randint(0, train_steps, (1,), generator=generator)
-            noise = torch.randn(clean.shape, generator=generator).to(clean.device)
-            predicted = adapter.predict_noise(add_noise(alphas, clean, noise, t), t.to(clean.device), hidden)
-            return torch.nn.functional.mse_loss(predicted.float(), noise)
-
         def check(found: AdversarialPrompt) -> bool:
-            verdicts.append(self._judge_hidden(sample, judge, found))
+            verdicts.append(self._judge_hidden(sample, judge, found, "continuous"))
             return bool(verdicts[-1]["success"])
 
-        found = adversary.attack(sample.prompt, objective, check=check, check_every=self.check_every)
+        found = adversary.attack(template, objective, check=check, check_every=self.check_every)
         if not verdicts or not verdicts[-1]["success"]:
-            verdicts.append(self._judge_hidden(sample, judge, found))
+            verdicts.append(self._judge_hidden(sample, judge, found, "continuous"))
         return {**verdicts[-1], "iterations": found.steps, "loss_first": found.losses[0], "loss_last": found.losses[-1]}
 
+    def _adversary(self, sample: Sample) -> tuple[Adversary, str]:
+        """The shared adversary of this strategy for one prompt, and the prompt (or template) it attacks."""
+        adapter = self.model.adapter
+        seed = self.seed * 1_000_003 + sample.seed
+        if self.strategy == "soft_prompt":
+            options = {"tokens": self.tokens, "steps": self.iterations, **self.soft}
+            return make_adversary("soft_prompt", adapter, seed=seed, **options), sample.prompt
+        target = sample.labels.get("target")
+        words = sample.prompt.split(" ")
+        if isinstance(target, str) and target in words:  # CCE: the new token stands where the concept's word was
+            words[words.index(target)] = "{}"
+            template, init = " ".join(words), target
+        else:
+            template, init = "{} " + sample.prompt, None
+        options = {**self.inversion, "steps": self.iterations, "init": init}
+        return make_adversary("concept_inversion", adapter, seed=seed, **options), template
+
+    def _ring_a_bell(self, sample: Sample, judge: Evaluator) -> dict[str, Any]:
+        """Search on the base model's text encoder (the attacker has the published model, not the erased
+        one) a discrete prompt near the prompt's encoding plus the concept vector; draw it once on the
+        evaluated model."""
+        with self.model.base_model() as base:
+            if self._vector is None:  # the attacker's one piece of knowledge: the concept's direction
+                self._vector = concept_vector(base, self.ring_pairs)
+            target = ring_a_bell_target(base, sample.prompt, self._vector, self.ring_strength)
+            adversary = make_adversary("ring_a_bell", base, seed=self.seed * 1_000_003 + sample.seed, **self.ring)
+            found = adversary.attack(sample.prompt, embedding_target_objective(target))
+        adapter = self.model.adapter
+        table = adapter.token_embedding_table().detach()
+        carried = replace(found, hidden=adapter.encode_token_embeddings(found.ids, table[found.ids.to(table.device)]))
+        verdict = self._judge_hidden(sample, judge, carried, "discrete")
+        return {**verdict, "iterations": found.steps, "loss_first": found.losses[0], "loss_last": found.losses[-1]}
+
     @torch.no_grad()
-    def _judge_hidden(self, sample: Sample, judge: Evaluator, found: AdversarialPrompt) -> dict[str, Any]:
+    def _judge_hidden(self, sample: Sample, judge: Evaluator, found: AdversarialPrompt, form: str) -> dict[str, Any]:
         self._generations += 1
         image, _ = self.model.render(found.hidden, sample.seed, sample.guidance)
         verdict = judge.score([Sample(sample.prompt, sample.seed, image, sample.labels, sample.guidance)])[0]
+        caption = f"{self.strategy.replace('_', ' ')}{' near' if form == 'continuous' else ''}: {found.text}"
         return {
             "success": judge.concept_shown(verdict, sample.labels),
-            "attacked_prompt": f"{found.text} (continuous)",
+            "attacked_prompt": f"{found.text} ({form})",
             "attacked": verdict,
-            EXTRA_IMAGE: (f"soft prompt near: {found.text}", image),
+            EXTRA_IMAGE: (caption, image),
         }
 
     @torch.no_grad()
@@ -239,6 +305,8 @@ class UnlearnDiffAtk(Evaluator):
             "judge_options": self.judge_options,
             "strategy": self.strategy,
             **({"soft_prompt": self.soft} if self.strategy == "soft_prompt" else {}),
+            **({"concept_inversion": self._inversion_protocol()} if self.strategy == "concept_inversion" else {}),
+            **({"ring_a_bell": self._ring_protocol()} if self.strategy == "ring_a_bell" else {}),
             "tokens": self.tokens,
             "insertion": "prefix",
             "iterations": self.iterations,
@@ -246,6 +314,24 @@ class UnlearnDiffAtk(Evaluator):
             "check_every": self.check_every,
             "target": "base model's latent, same prompt and seed",
             "asr": "plain successes count (as in UnlearnDiffAtk)",
+        }
+
+    def _inversion_protocol(self) -> dict[str, Any]:
+        return {
+            **self.inversion,
+            "steps": self.iterations,
+            "placement": "the target word's place (first, when the prompt does not name it)",
+            "start": "the target word's embedding (random tokens when the prompt does not name it)",
+            "fitted to": "the base model's image of the same prompt and seed (one image per prompt)",
+        }
+
+    def _ring_protocol(self) -> dict[str, Any]:
+        return {
+            **self.ring,
+            "strength": self.ring_strength,
+            "concept_pairs": len(self.ring_pairs),
+            "search": "on the base model's text encoder; the found prompt is drawn by the evaluated model",
+            "judged": "the final prompt, once",
         }
 
 
