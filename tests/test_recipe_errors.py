@@ -275,7 +275,10 @@ CASES: dict[str, Case] = {
         group("      - method: test_q_steer\n", "      - method: trce_eot\n        params: {concepts: cats}\n"),
         "edits.0.edits.1",
         12,
-        ("'trce_eot' is closed_form", "training methods: advunlearn, ca, esd, race, salun, test_q_steer, trce_steer"),
+        (
+            "'trce_eot' is closed_form",
+            "training methods: advunlearn, ca, esd, race, receler, salun, stereo, test_q_steer, trce_steer",
+        ),
     ),
     "recipe-file-missing": Case(None, "", None, ("recipe file not found", "check the path")),
     "recipe-file-misspelt": Case(

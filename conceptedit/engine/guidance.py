@@ -45,7 +45,7 @@ def project(vector: Tensor, onto: Tensor) -> tuple[Tensor, Tensor]:
     returned in ``vector``'s dtype. A zero ``onto`` has no direction: everything is orthogonal to it."""
     dims = tuple(range(1, vector.ndim))
     v, d = vector.double(), onto.double()
-    unit = torch.nn.functional.normalize(d, dim=dims)
+    unit = d / d.norm(p=2, dim=dims, keepdim=True).clamp_min(1e-12)  # torch's normalize, over several dims
     parallel = (v * unit).sum(dim=dims, keepdim=True) * unit
     return parallel.to(vector.dtype), (v - parallel).to(vector.dtype)
 
