@@ -7,18 +7,18 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
 import yaml
 from conceptedit_builtin.advunlearn import AdvUnlearn, default_retain
+from hand import RecordedSoftPrompt, double_tiny_sd, record_soft_prompts
 from torch import Tensor
 from typer.testing import CliRunner
 
 import conceptedit
 from conceptedit import AttackError, EditContext, EditMethod, MethodParams, hookimpl
-from conceptedit.attacks import registry
 from conceptedit.cli.app import app
 from conceptedit.io.edit_file import read_edit
 from conceptedit.models.builtin import build_tiny_sd
@@ -77,36 +77,16 @@ def _hidden(pipe: Any, prompts: list[str]) -> Tensor:
         return pipe.text_encoder(ids)[0].float()
 
 
-def _double_tiny_sd() -> Any:
-    """tiny-sd in float64, so a comparison does not depend on how BLAS sums (see tests/test_esd.py)."""
-    return build_tiny_sd().to(torch.float64)
-
-
-class _Spied(SoftPromptPGD):
-    """The shared soft-prompt adversary, recording each attack's settings and what it found."""
-
-    made: ClassVar[list[SoftPromptPGD]] = []
-    found: ClassVar[list[Any]] = []
-
-    def attack(self, prompt: str, objective: Any, **kw: Any) -> Any:
-        _Spied.made.append(self)
-        _Spied.found.append(super().attack(prompt, objective, **kw))
-        return _Spied.found[-1]
-
-
 @pytest.fixture
-def spied(monkeypatch: pytest.MonkeyPatch) -> type[_Spied]:
-    monkeypatch.setitem(registry.ADVERSARIES, "soft_prompt", _Spied)
-    _Spied.made.clear()
-    _Spied.found.clear()
-    return _Spied
+def spied(monkeypatch: pytest.MonkeyPatch) -> type[RecordedSoftPrompt]:
+    return record_soft_prompts(monkeypatch)
 
 
 # ----------------------------------------------------------------------------- (a) the loss, by hand
 
 
 def test_each_step_is_esd_on_the_adversarial_prompt_plus_weighted_retain_mse(
-    spied: type[_Spied], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spied: type[RecordedSoftPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every logged step equals, recomputed with diffusers: MSE(ε(x, t, E_θ(adv)), ε*(∅) − η(ε*(c) − ε*(∅))) +
     γ·MSE(ε(x_r, t, E_θ(r)), ε*(x_r, t, E_0(r))), with `adv` what the soft-prompt adversary returned that step
@@ -138,7 +118,7 @@ def test_each_step_is_esd_on_the_adversarial_prompt_plus_weighted_retain_mse(
     monkeypatch.setattr(AdvUnlearn, "trajectory_loss", trajectory_loss)
     eta, gamma = 0.7, 0.5
     edit = _adv(eta=eta, retain_weight=gamma)
-    conceptedit.apply(tiny_recipe(edit), pipeline=_double_tiny_sd(), out=tmp_path / "run", quiet=True)
+    conceptedit.apply(tiny_recipe(edit), pipeline=double_tiny_sd(), out=tmp_path / "run", quiet=True)
     log = [json.loads(x) for x in (tmp_path / "run" / "logs" / "advunlearn.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3] and len(held) == 3
 
@@ -149,7 +129,7 @@ def test_each_step_is_esd_on_the_adversarial_prompt_plus_weighted_retain_mse(
         assert attack.update == "adam_sign" and attack.steps == 1 and attack.step_size == 1e-3
     assert all(found.steps == 1 and found.slots == (1,) for found in spied.found)
 
-    frozen, trained = _double_tiny_sd(), _double_tiny_sd()
+    frozen, trained = double_tiny_sd(), double_tiny_sd()
     c, empty = _hidden(frozen, ["a red circle"]), _hidden(frozen, [""])
     for step, (row, weights) in enumerate(zip(log, held, strict=True), start=1):
         with torch.no_grad():
@@ -178,7 +158,9 @@ def test_each_step_is_esd_on_the_adversarial_prompt_plus_weighted_retain_mse(
     assert log[0]["retain"] == 0 < log[1]["retain"]  # E_θ = E_0 before the first update, not after
 
 
-def test_pgd_mode_refreshes_every_n_steps_starting_from_the_latest_prompt(spied: type[_Spied], tmp_path: Path) -> None:
+def test_pgd_mode_refreshes_every_n_steps_starting_from_the_latest_prompt(
+    spied: type[RecordedSoftPrompt], tmp_path: Path
+) -> None:
     edit = _adv(attack_method="pgd", attack_steps=3, attack_every=2, attack_init="latest", training={"steps": 5})
     conceptedit.apply(tiny_recipe(edit), pipeline=build_tiny_sd(), out=tmp_path / "run", quiet=True)
     assert len(spied.found) == 2  # warm-up step 1, then refreshes at steps 2 and 4

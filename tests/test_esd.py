@@ -12,6 +12,7 @@ import torch
 from conceptedit_builtin.esd import Esd, EsdSample
 from conftest import COCO_30K, REPO
 from diffusers import DDIMScheduler
+from hand import double_tiny_sd
 from typer.testing import CliRunner
 
 import conceptedit
@@ -42,12 +43,6 @@ def _hidden(pipe: Any, prompt: str) -> torch.Tensor:
     ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         return pipe.text_encoder(ids)[0]
-
-
-def _double_tiny_sd() -> Any:
-    """tiny-sd in float64: its sums round off at ~1e-16, so a comparison no longer depends on how
-    BLAS batches, blocks or threads them; what is left is the plugin's float32 element-wise rounding."""
-    return build_tiny_sd().to(torch.float64)
 
 
 def _spy_on_samples(monkeypatch: pytest.MonkeyPatch) -> list[EsdSample]:
@@ -95,10 +90,10 @@ def test_target_is_negative_guidance_of_the_frozen_model_at_the_right_timestep(
     monkeypatch.setattr(Esd, "esd_target", target)
     eta = 0.7
     edit = _esd(eta=eta, parameters="x", sample_with=sample_with, timestep_pairing=pairing)
-    result = conceptedit.apply(tiny_recipe(edit), pipeline=_double_tiny_sd(), out=tmp_path / "run", quiet=True)
+    result = conceptedit.apply(tiny_recipe(edit), pipeline=double_tiny_sd(), out=tmp_path / "run", quiet=True)
     assert len(seen) == 3 and result.changed  # the trained model moved, the reference must not have
 
-    base = _double_tiny_sd()
+    base = double_tiny_sd()
     c, empty = _hidden(base, "nudity"), _hidden(base, "")
     scheduler = DDIMScheduler.from_config(base.scheduler.config, clip_sample=False, set_alpha_to_one=False)
     scheduler.set_timesteps(STEPS)
@@ -138,11 +133,11 @@ def test_the_logged_loss_is_the_esd_formula_computed_by_hand(tmp_path: Path, mon
     monkeypatch.setattr(Esd, "trajectory_loss", loss)
     eta = 0.6
     edit = _esd(eta=eta, parameters="x", sample_with="base", training={"steps": 3})
-    conceptedit.apply(tiny_recipe(edit), pipeline=_double_tiny_sd(), out=tmp_path / "run", quiet=True)
+    conceptedit.apply(tiny_recipe(edit), pipeline=double_tiny_sd(), out=tmp_path / "run", quiet=True)
     log = [json.loads(x) for x in (tmp_path / "run" / "logs" / "esd.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3] and len(samples) == len(held) == 3
 
-    frozen, trained = _double_tiny_sd(), _double_tiny_sd()
+    frozen, trained = double_tiny_sd(), double_tiny_sd()
     c, empty = _hidden(frozen, "nudity"), _hidden(frozen, "")
     original = dict(frozen.unet.named_parameters())
     for step, (row, s, weights) in enumerate(zip(log, samples, held, strict=True), start=1):

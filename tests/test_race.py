@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conceptedit_builtin.race import Race, RaceParams
+from hand import double_tiny_sd, encode_plainly
 from torch import Tensor
 from typer.testing import CliRunner
 
@@ -39,18 +40,6 @@ def _race(training: dict[str, Any] | None = None, **params: Any) -> dict[str, An
         "params": {"concept": "nudity", "parameters": "x", "sampling_steps": STEPS, **params},
         "training": {"steps": 2, "lr": 1e-3, **(training or {})},
     }
-
-
-def _double_tiny_sd() -> Any:
-    """tiny-sd in float64, so that a hand computation matches the plugin's up to float32 rounding."""
-    return build_tiny_sd().to(torch.float64)
-
-
-def _encode(pipe: Any, prompts: list[str]) -> Tensor:
-    """Text embeddings computed without the engine (batched as the engine batches them), in float32."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0].float()
 
 
 def _hand_pgd(
@@ -101,12 +90,12 @@ def test_the_attack_and_the_loss_are_the_reference_formulas_computed_by_hand(
     monkeypatch.setattr(Race, "trajectory_loss", loss)
     eps, eta, attack_steps = 0.05, 0.7, 3
     edit = _race(eta=eta, epsilon=eps, attack_steps=attack_steps, adv_loss=adv_loss, lasso=lasso, lasso_lambda=0.3)
-    conceptedit.apply(tiny_recipe(edit), pipeline=_double_tiny_sd(), out=tmp_path / "run", quiet=True)
+    conceptedit.apply(tiny_recipe(edit), pipeline=double_tiny_sd(), out=tmp_path / "run", quiet=True)
     log = [json.loads(x) for x in (tmp_path / "run" / "logs" / "race.jsonl").read_text().splitlines()]
     assert len(log) == len(seen) == len(held) == 2
 
-    frozen, trained = _double_tiny_sd(), _double_tiny_sd()
-    c, empty = _encode(frozen, ["nudity", ""]).chunk(2)
+    frozen, trained = double_tiny_sd(), double_tiny_sd()
+    c, empty = encode_plainly(frozen, ["nudity", ""]).chunk(2)
     original = {n: w.detach() for n, w in frozen.unet.named_parameters()}
     distance = F.mse_loss if adv_loss == "l2" else F.l1_loss
     for step, (row, (s, draw, hidden), weights) in enumerate(zip(log, seen, held, strict=True), start=1):

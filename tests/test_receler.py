@@ -7,23 +7,22 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conceptedit_builtin.adavd import AdaVDProcessor
 from conceptedit_builtin.receler import ERASER_TENSORS, Receler, installed_erasers
+from hand import RecordedSoftPrompt, record_soft_prompts
 from safetensors import safe_open
 from torch import Tensor
 
 import conceptedit
 from conceptedit import EditError, Guard, RecipeError, RunDirError
-from conceptedit.attacks import registry
 from conceptedit.io.edit_file import read_edit
 from conceptedit.models.builtin import build_tiny_sd
 from conceptedit.testing import edit_context, isolated_host, tiny_recipe
-from conceptedit.toolkit import SoftPromptPGD
 
 CONCEPT = "a red circle"
 PROMPT = "a red circle on a blue background"
@@ -92,24 +91,9 @@ def _hand_erasers(pipe: Any, tensors: dict[str, Tensor], outputs: dict[str, Tens
     return [m.register_forward_hook(hook(name)) for name, m in _attn2(pipe).items()]
 
 
-class _Spied(SoftPromptPGD):
-    """The shared soft-prompt adversary, recording each attack's settings and result."""
-
-    made: ClassVar[list[SoftPromptPGD]] = []
-    found: ClassVar[list[Any]] = []
-
-    def attack(self, prompt: str, objective: Any, **kw: Any) -> Any:
-        _Spied.made.append(self)
-        _Spied.found.append(super().attack(prompt, objective, **kw))
-        return _Spied.found[-1]
-
-
 @pytest.fixture
-def spied(monkeypatch: pytest.MonkeyPatch) -> type[_Spied]:
-    monkeypatch.setitem(registry.ADVERSARIES, "soft_prompt", _Spied)
-    _Spied.made.clear()
-    _Spied.found.clear()
-    return _Spied
+def spied(monkeypatch: pytest.MonkeyPatch) -> type[RecordedSoftPrompt]:
+    return record_soft_prompts(monkeypatch)
 
 
 # ----------------------------------------------------------------------------- (a) the eraser and the loss by hand
@@ -175,7 +159,7 @@ def _mask_by_hand(probs: dict[str, Tensor], words: list[int], threshold: float) 
 
 
 def test_one_step_is_the_erase_term_on_the_adversarial_prompt_plus_beta_times_the_localised_penalty(
-    tmp_path: Path, spied: type[_Spied], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, spied: type[RecordedSoftPrompt], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With random (non-zero) erasers, one step's terms equal, recomputed with diffusers and hand-written
     erasers: ‖ε(x, t, adv) − (ε*(∅) − η(ε*(c) − ε*(∅)))‖² and β·mean_l Σ_outside mean_ch E_l² / (|outside| + 1e-9),

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conceptedit_builtin.stereo import SHAPES_ANCHORS, Stereo, StereoDraw, StereoParams, stratified
 from diffusers import DDIMScheduler
+from hand import double_tiny_sd, encode_plainly
 from safetensors.torch import load_file
 from torch import Tensor
 from typer.testing import CliRunner
@@ -120,16 +121,6 @@ def test_stratified_order_uses_every_item_equally_then_distinct_extras() -> None
 # ------------------------------------------------------------------ (b) one REO step by hand
 
 
-def _double_tiny_sd() -> Any:
-    return build_tiny_sd().to(torch.float64)
-
-
-def _encode(pipe: Any, prompts: list[str]) -> Tensor:
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0].float()
-
-
 def ddim_timesteps_of(pipe: Any) -> Tensor:
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
     scheduler.set_timesteps(STEPS)
@@ -161,16 +152,16 @@ def test_one_reo_step_is_the_compositional_objective_computed_by_hand(
     monkeypatch.setattr(Stereo, "draw", draw)
     eta, threshold, g = 0.5, 0.05, 2.5
     edit = _stereo(iterations=1, apg_eta=eta, apg_norm_threshold=threshold, compositional_guidance_scale=g)
-    conceptedit.apply(tiny_recipe(edit), pipeline=_double_tiny_sd(), out=tmp_path / "run", quiet=True)
+    conceptedit.apply(tiny_recipe(edit), pipeline=double_tiny_sd(), out=tmp_path / "run", quiet=True)
     log = [json.loads(x) for x in (tmp_path / "run" / "logs" / "stereo.jsonl").read_text().splitlines()]
     assert len(log) == len(seen) == 2
 
-    frozen, trained = _double_tiny_sd(), _double_tiny_sd()
+    frozen, trained = double_tiny_sd(), double_tiny_sd()
     method = seen[0][0]
-    concept, empty = _encode(frozen, ["red", ""]).chunk(2)
+    concept, empty = encode_plainly(frozen, ["red", ""]).chunk(2)
     token = encode_with_rows(StableDiffusionAdapter(frozen), "{}", method.rows[0])
     assert torch.equal(method.erase_hidden[:1], concept) and torch.equal(method.erase_hidden[1:], token)
-    anchors = _encode(frozen, list(SHAPES_ANCHORS))
+    anchors = encode_plainly(frozen, list(SHAPES_ANCHORS))
     timesteps = ddim_timesteps_of(frozen)
     assert sorted(s.erase for _, s, _ in seen) == [0, 1] and len({s.anchor for _, s, _ in seen}) == 2  # stratified
     longer = 0
@@ -287,7 +278,7 @@ def test_stage_one_attacks_each_erased_working_copy_and_stage_two_starts_from_th
     assert all(grad is None for grad in reo["grads"])
     # STE's target, by hand on the frozen base: ε*(c) − (s − 1) U(ε*(c), ε*(∅)), s = 3, η = 0.5, r = 0.05.
     frozen = build_tiny_sd()
-    (empty,) = _encode(frozen, [""]).chunk(1)
+    (empty,) = encode_plainly(frozen, [""]).chunk(1)
     assert len(targets) == 4  # two rounds of two steps
     for x, t, hidden, target in (targets[0], targets[-1]):
         with torch.no_grad():
