@@ -24,10 +24,12 @@ are this file's guesses (:data:`ROBUST`), not tuned: their rows say so.
     python benchmarks/attack_shapes.py                                    # every edit, 4 targets
     python benchmarks/attack_shapes.py --targets red --edits "TRCE 1+2" "TRCE robust"
     python benchmarks/attack_shapes.py --merge attack_shapes_a attack_shapes_b   # runs split by target
+    python benchmarks/attack_shapes.py --tune 4 --seeds 2 --targets red circle  # robust settings, tuning split
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -130,6 +132,93 @@ def robust_edits(target: str, prior: Path) -> dict[str, list[dict[str, Any]]]:
     ]
     installed = get_host().registry.methods
     return {label: edit for label, edit in configs.items() if all(e["method"] in installed for e in edit)}
+
+
+#: Concept inversion as robust TRCE's stage 2 adversary: one free token in the concept's place.
+INVERSION_STEER: dict[str, Any] = {"attack": "concept_inversion", "tokens": 1, "steps": 20, "step_size": 0.02}
+
+
+def robust_grid(target: str, prior: Path) -> dict[str, list[dict[str, Any]]]:
+    """The settings ``--tune 4`` tries on the tuning split, aimed at the issue's targets (UDA <= 10%,
+    concept inversion <= 25%, kept >= 95%): which adversary robust TRCE trains against, how hard,
+    and SalUn gentler than :data:`ROBUST`, alone and after TRCE."""
+    s1, s2 = es.stage1(target, prior), es.stage2(target)
+    s1_adv = {**s1, "params": {**s1["params"], "adversarial": ROBUST["trce_stage1_adversarial"]}}
+
+    def steer(**adversarial: Any) -> dict[str, Any]:
+        return {**s2, "params": {**s2["params"], "adversarial": adversarial}}
+
+    salun = robust_edits(target, prior)["salun"][0]
+    gentle = {**salun, "training": {"steps": 100, "lr": 3e-5}}
+    return {
+        "TRCE 1+2, stage 2 vs soft prompt": [s1, steer(**ROBUST["trce_stage2_adversarial"])],
+        "TRCE 1+2, stage 2 vs inversion": [s1, steer(**INVERSION_STEER, every=10)],
+        "TRCE 1+2, stage 2 vs inversion x3": [s1, steer(**INVERSION_STEER, every=5, weight=3.0)],
+        "TRCE robust, stage 2 vs inversion": [s1_adv, steer(**INVERSION_STEER, every=10)],
+        "salun lr 3e-5": [gentle],
+        "TRCE 1+2 + salun lr 3e-5": [s1, s2, gentle],
+    }
+
+
+#: The attack families the tuning sweep runs (the targets' families; Ring-A-Bell and soft prompts are
+#: weaker than these on every measured edit).
+TUNING_FAMILIES = ("uda", "random", "concept_inversion")
+
+
+def tune(targets: Iterable[str], seeds: int, pick: Sequence[int] = ()) -> dict[str, Any]:
+    """Each :func:`robust_grid` entry on the tuning split only: erased, anchor reached, tuning
+    neighbours kept (relative to the base model) and the tuning families' ASR on tuning prompts."""
+    targets = list(targets)
+    host = get_host()
+    base = conceptedit.load_model("builtin:shapes").pipeline
+    work = Path(tempfile.mkdtemp(prefix="attack-shapes-tune-"))
+    base_kept = {t: es._tuning_metrics(base, t, es.TARGETS[t], seeds)[1]["both_correct"] for t in targets}
+    trials: list[dict[str, Any]] = []
+    try:
+        labels = list(robust_grid(targets[0], work))
+        for label in [labels[i] for i in pick] if pick else labels:
+            scores = []
+            for target in targets:
+                anchor = es.TARGETS[target]
+                edit = robust_grid(target, es._prior(work, target))[label]
+                pipe = conceptedit.load_model("builtin:shapes").pipeline
+                recipe = es._recipe(es.concept_sets(target, anchor), edit)
+                conceptedit.apply(recipe, pipeline=pipe, out=work / f"t{len(trials)}-{target}", quiet=True)
+                tuning, nb, _ = es._tuning_metrics(pipe, target, anchor, seeds)
+                entry = {
+                    "target": target,
+                    "erased_strict": tuning["erased_strict"],
+                    "anchor_reached": tuning["anchor_reached"],
+                    "neighbours_kept": nb["both_correct"] / base_kept[target] if base_kept[target] else 0.0,
+                }
+                for family in TUNING_FAMILIES:
+                    options = {**es._attack_options(target, "gradient", "tuning", es._stride(target))}
+                    spec = es._spec("shapes-attack", {**options, **FAMILIES[family]})
+                    (r,) = evaluate(pipe, [spec], host=host, base_pipeline=base)
+                    entry[f"asr_{family}"] = r.metrics["attack_success_rate"]
+                scores.append(entry)
+            trial = {"edit": label, "scores": scores, "score": tuning_score(scores)}
+            trials.append(trial)
+            print(json.dumps(trial), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "split": "shapes-tuning, shapes-tuning-neighbours; attacks on the tuning prompts",
+        "seeds": seeds,
+        "families": {f: FAMILIES[f] for f in TUNING_FAMILIES},
+        "rule": tuning_score.__doc__,
+        "trials": trials,
+        "chosen": max(trials, key=lambda t: t["score"])["edit"] if trials else None,
+    }
+
+
+def tuning_score(scores: Sequence[dict[str, Any]]) -> float:
+    """Mean over the targets of erased + neighbours kept − the worst of UDA and concept inversion:
+    a setting must erase, keep and hold against both attacks."""
+    per_target = [
+        s["erased_strict"] + s["neighbours_kept"] - max(s["asr_uda"], s["asr_concept_inversion"]) for s in scores
+    ]
+    return sum(per_target) / len(per_target)
 
 
 def _anchors(target: str) -> list[str]:
@@ -391,8 +480,14 @@ def _first_of_each(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    args = es.parse_args(__doc__ or "")
+    args = es.parse_args(__doc__ or "", tune=(4,), tune_help="4: the robust settings' sweep on the tuning split")
     stem = args.stem if args.stem != "erasure_shapes" else "attack_shapes"
+    if args.tune:
+        picked = [f"g{i}" for i in args.grid]
+        es.write_results(
+            args.out, f"{stem}_tuning_{'_'.join([*picked, *args.targets])}", tune(args.targets, args.seeds, args.grid)
+        )
+        return
     if args.merge:  # runs split by target or by edit
         result = es.merge([args.out / f"{s}.json" for s in args.merge])
         result["rows"] = _first_of_each(result["rows"])

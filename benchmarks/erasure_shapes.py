@@ -714,7 +714,7 @@ def frontier(result: dict[str, Any], path: Path) -> None:
     )
 
 
-def parse_args(doc: str) -> argparse.Namespace:
+def parse_args(doc: str, tune: tuple[int, ...] = (1, 2, 3), tune_help: str = "") -> argparse.Namespace:
     """The options the shapes benchmarks share (seeds, targets, results folder, threads); sets the threads."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=4, help="images per prompt")
@@ -722,7 +722,10 @@ def parse_args(doc: str) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared machine)")
     parser.add_argument(
-        "--tune", type=int, choices=(1, 2, 3), help="run a tuning sweep instead: TRCE stage 1, stage 2, or the peers"
+        "--tune",
+        type=int,
+        choices=tune,
+        help=tune_help or "run a tuning sweep instead: TRCE stage 1, stage 2, or the peers",
     )
     parser.add_argument(
         "--grid", nargs="+", type=int, default=[], help="with --tune: only these grid entries (0-based)"

@@ -79,12 +79,29 @@ def plot(points: Sequence[Point], path: Path, title: str, x_label: str, y_label:
         _, y1 = at(point.keep, point.erase_interval[1])
         draw.line([x0, y, x1, y], fill=colour, width=1)
         draw.line([x, y0, x, y1], fill=colour, width=1)
-        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
+        marker = _MARKERS[i // len(_COLOURS) % len(_MARKERS)]
+        marker(draw, x, y, 5, colour)
         legend_y = top + 16 * i
-        draw.ellipse([left + width + 20, legend_y + 2, left + width + 30, legend_y + 12], fill=colour)
+        marker(draw, left + width + 25, legend_y + 7, 5, colour)
         draw.text((left + width + 38, legend_y), point.label, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+def _disc(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, colour: tuple[int, int, int]) -> None:
+    draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+
+
+def _square(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, colour: tuple[int, int, int]) -> None:
+    draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+
+
+def _triangle(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, colour: tuple[int, int, int]) -> None:
+    draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=colour)
+
+
+#: Marker shapes, one per round of the colours: the 13th point is a square, not a second blue disc.
+_MARKERS = (_disc, _square, _triangle)
 
 
 def _floor(value: float) -> float:

@@ -7,7 +7,11 @@ else, so a third-party method has every tool a built-in has. Grouped by hook poi
 * attention edit: the erase-toward-guide problem (:func:`erase_edit`) and the parameters of a
   method built on it (:class:`ErasureParams`, whose ``erase_edit`` makes that edit), closed-form
   adversarial inputs (:func:`matching_inputs`), the preservation prior (:func:`embedding_prior`)
-  and caption files (:func:`read_prompts`);
+  and caption files (:func:`read_prompts`); for null-space edits (``KVEdit.projector``), the
+  projector onto a kept set's low-energy directions (:func:`null_space_projector` of a
+  :func:`second_moment`), k-means representatives of invariant rows (:func:`kmeans_centers`),
+  the solver's closed form itself (:func:`null_space_delta`) and the one map ``W' = W M`` of an
+  unconstrained edit (:func:`edit_map`, e.g. to rank inputs by how much an erasure moves them);
 * trajectory loss: cached or fresh DDIM latents (:func:`sample_planned`, :func:`partial_ddim`),
   training plans and timestep samplers, named parameter sets, seeds; ESD's negative-guidance
   latents and target for methods built on ESD (:class:`NegativeGuidance`); APG's normalised
@@ -64,10 +68,11 @@ from conceptedit.engine.guidance import (
     normalized_update,
 )
 from conceptedit.engine.guidance import project as project_guidance
-from conceptedit.engine.kv_solver import matching_inputs
+from conceptedit.engine.kv_solver import edit_map, matching_inputs, null_space_delta
 from conceptedit.engine.negative_guidance import (
     ESD_PARAMETER_SETS,
     EsdSample,
+    EsdUnetParams,
     NegativeGuidance,
     NegativeGuidanceParams,
 )
@@ -83,6 +88,7 @@ from conceptedit.engine.schedules import (
     uniform_timesteps,
 )
 from conceptedit.engine.selectors import select_parameter_set, select_parameters
+from conceptedit.engine.subspaces import ThresholdRule, kmeans_centers, null_space_projector, second_moment
 from conceptedit.engine.trajectories import PlannedLatents, ddim_timesteps, partial_ddim, sample_planned, seeded_noise
 from conceptedit.evaluation.metrics import attack_metrics, change_metrics, fid_from_features
 from conceptedit.evaluation.stats import Rate, wilson_interval
@@ -127,6 +133,7 @@ __all__ = [
     "EmbeddingPGD",
     "ErasureParams",
     "EsdSample",
+    "EsdUnetParams",
     "MomentumBuffer",
     "NegativeGuidance",
     "NegativeGuidanceParams",
@@ -140,6 +147,7 @@ __all__ = [
     "ShapesPrompt",
     "SoftPromptPGD",
     "StableDiffusionAdapter",
+    "ThresholdRule",
     "add_noise",
     "adversarial_slots",
     "aligned_rows",
@@ -157,6 +165,7 @@ __all__ = [
     "denoising_state",
     "derive_seed",
     "draw_pairs",
+    "edit_map",
     "embedding_prior",
     "embedding_target_objective",
     "encode_with_rows",
@@ -167,6 +176,7 @@ __all__ = [
     "hue_drift",
     "implicit_prompts",
     "judge_shapes_image",
+    "kmeans_centers",
     "legacy_compvis_timesteps",
     "local_copy",
     "make_adversary",
@@ -175,6 +185,8 @@ __all__ = [
     "mentions_phrase",
     "normalized_guidance",
     "normalized_update",
+    "null_space_delta",
+    "null_space_projector",
     "partial_ddim",
     "placeholder_slots",
     "project_guidance",
@@ -188,6 +200,7 @@ __all__ = [
     "row_verdict",
     "sample_planned",
     "sample_shapes_context",
+    "second_moment",
     "seeded_noise",
     "select_parameter_set",
     "select_parameters",

@@ -110,7 +110,13 @@ def test_methods_lists_every_method_with_its_parameters() -> None:
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [("uce", "closed_form"), ("rece", "closed_form"), ("sld", "inference_time"), ("adavd", "inference_time")],
+    [
+        ("uce", "closed_form"),
+        ("rece", "closed_form"),
+        ("speed", "closed_form"),
+        ("sld", "inference_time"),
+        ("adavd", "inference_time"),
+    ],
 )
 def test_methods_lists_the_peer_methods_with_summary_paper_kind_and_every_parameter(name: str, kind: str) -> None:
     (info,) = json.loads(_ok(_run("methods", name, "--json")).stdout)

@@ -86,6 +86,9 @@ class PromptEncoding:
 #: ``(parameter name, W) -> [N, d_out]``: explicit goal outputs of one projection.
 TargetFn = Callable[[str, Tensor], Tensor]
 
+#: ``(parameter name, W) -> [D, D]``: the projector one projection's change must act through.
+ProjectorFn = Callable[[str, Tensor], Tensor]
+
 
 @dataclass
 class KVEdit:
@@ -102,6 +105,16 @@ class KVEdit:
         prior: ``[D, D]`` second-moment matrix ``C`` of embeddings to preserve.
         prior_scale: ``η`` above.
         ridge: ``λ`` above.
+        projector: ``[D, D]`` projector ``Π`` (symmetric, ``Π² = Π``) onto the directions the
+            change may act on: the new weight is ``W + ΔΠ``, so inputs ``Π`` maps to zero (the
+            retained keys of a null-space edit, AlphaEdit/SPEED) keep their outputs exactly. The
+            terms above then apply to ``ΔΠ``; needs ``ridge > 0``.
+        projector_fn: ``(parameter name, W) -> [D, D]``: ``Π`` per layer, for a retained set
+            that depends on the layer's weight. Give at most one of ``projector``/``projector_fn``.
+        invariant: ``[E, D]`` embeddings whose outputs must not change at all (equality
+            constraints ``ΔΠ e = 0``, solved with Lagrange multipliers); needs ``ridge > 0``.
+        invariant_ridge: ``μ`` added to the diagonal of the multipliers' ``E x E`` system;
+            0 keeps the invariant rows exactly, ``μ > 0`` loosens them (SPEED's ``lamb``).
         projections: Which projections to edit: ``"k"``, ``"v"`` or both.
         layers: Names of cross-attention layers to edit (default: all of them).
         label: Shown in progress output and errors.
@@ -116,9 +129,18 @@ class KVEdit:
     prior: Tensor | None = None
     prior_scale: float = 0.0
     ridge: float = 0.0
+    projector: Tensor | None = None
+    projector_fn: ProjectorFn | None = None
+    invariant: Tensor | None = None
+    invariant_ridge: float = 0.0
     projections: tuple[str, ...] = ("k", "v")
     layers: Sequence[str] | None = None
     label: str = "kv-edit"
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the change is restricted (a projector or invariant rows): the null-space solve."""
+        return self.projector is not None or self.projector_fn is not None or self.invariant is not None
 
     def validate(self, dim: int) -> None:
         """Check shapes and options against the text-embedding width ``dim``."""
@@ -139,14 +161,28 @@ class KVEdit:
             raise EditError(f"{self.label}: prior must be [{dim}, {dim}], got {tuple(self.prior.shape)}")
         if not set(self.projections) <= {"k", "v"} or not self.projections:
             raise EditError(f"{self.label}: projections must be a non-empty subset of ('k', 'v')")
+        if self.projector is not None and self.projector_fn is not None:
+            raise EditError(f"{self.label}: give at most one of projector or projector_fn")
+        if self.projector is not None and tuple(self.projector.shape) != (dim, dim):
+            raise EditError(f"{self.label}: projector must be [{dim}, {dim}], got {tuple(self.projector.shape)}")
+        if self.invariant is not None and (
+            self.invariant.ndim != 2 or self.invariant.shape[1] != dim or self.invariant.shape[0] == 0
+        ):
+            raise EditError(f"{self.label}: invariant must be [E, {dim}] with E > 0, got {tuple(self.invariant.shape)}")
         for name, value in (
             ("preserve_scale", self.preserve_scale),
             ("prior_scale", self.prior_scale),
             ("ridge", self.ridge),
+            ("invariant_ridge", self.invariant_ridge),
         ):
             if value < 0:
                 raise EditError(f"{self.label}: {name} must be >= 0, got {value}")
-        for name in ("keys", "targets", "weights", "preserve", "prior"):
+        if self.constrained and self.ridge <= 0:
+            raise EditError(
+                f"{self.label}: a projector or invariant rows need ridge > 0 (the change is pinned down "
+                "only by the ridge in the directions no key reaches)"
+            )
+        for name in ("keys", "targets", "weights", "preserve", "prior", "projector", "invariant"):
             value = getattr(self, name)
             if value is not None and not torch.isfinite(value).all():
                 raise EditError(f"{self.label}: {name} contains NaN or inf")

@@ -16,6 +16,13 @@ whose normal equations are ``W' B = R`` with
 for every projection. When each target value is the original projection of an embedding,
 ``v_i = W t_i``, then ``R = W Q`` with ``Q = Σ w t kᵀ + s P Pᵀ + η C + λ I`` and every layer's
 answer is ``W' = W M`` with one ``M = Q B⁻¹`` -- a single solve for all layers.
+
+**Null-space edits** (SPEED, AlphaEdit). An edit with a projector ``Π`` and/or invariant rows
+``E`` restricts the change to ``W' = W + ΔΠ`` and asks ``ΔΠ e_j = 0`` exactly for every
+invariant row. With ``D = ΔΠ`` the same objective (every term on ``D``) gives, through Lagrange
+multipliers, :func:`null_space_delta`. Inputs that ``Π`` sends to zero -- the retained keys --
+keep their outputs exactly, so the ridge is the only thing holding ``D`` elsewhere. ``Π`` may
+differ per layer (``projector_fn``); each layer then costs one ``D x D`` LU factorisation.
 """
 
 from __future__ import annotations
@@ -50,6 +57,20 @@ class KVSolver:
         self._keep = keep
         self._weighted_keys = keys * weights[:, None]
         lhs = keys.T @ self._weighted_keys + keep  # B (symmetric)
+        self._shared: Tensor | None = None
+        if edit.constrained:
+            # Null-space mode: no shared factorisation; every layer solves null_space_delta (on the CPU).
+            cpu = torch.device("cpu")
+            self._key_gram = (keys.T @ self._weighted_keys).to(cpu)  # Σ w k kᵀ
+            self._gram = (lhs - edit.ridge * torch.eye(dim, dtype=f64, device=lhs.device)).to(cpu)  # A = B − λ I
+            self._weighted_keys = self._weighted_keys.to(cpu)
+            self._projector = None if edit.projector is None else edit.projector.detach().to(cpu, f64)
+            self._invariant = None if edit.invariant is None else edit.invariant.detach().to(cpu, f64)
+            self._goal_map: Tensor | None = None
+            if edit.targets is not None:
+                # R₀ = Σ w (v − W k) kᵀ = W Σ w (t − k) kᵀ when v = W t.
+                self._goal_map = ((edit.targets.to(f64) - keys).T @ (keys * weights[:, None])).to(cpu)
+            return
         chol, info = torch.linalg.cholesky_ex(lhs)
         pivots = chol.diagonal() ** 2 if info.item() == 0 else None
         # Positive but vanishing pivots mean directions no key or preserve term pins down; solving
@@ -62,14 +83,22 @@ class KVSolver:
                 "(a prior or preserve prompts with a scale > 0) or a ridge term > 0."
             )
         self._chol = chol
-        self._shared: Tensor | None = None
         if edit.targets is not None:
             # W' = W · M with M = Q B⁻¹ for every layer; B symmetric so M = (B⁻¹ Qᵀ)ᵀ.
             q = edit.targets.to(f64).T @ self._weighted_keys + keep
             self._shared = torch.cholesky_solve(q.T, chol).T
 
+    @property
+    def shared_map(self) -> Tensor:
+        """``M`` with ``W' = W M`` for every layer (edits with ``targets`` and no projector/invariant)."""
+        if self._shared is None:
+            raise EditError(f"{self.edit.label}: only an unconstrained edit with `targets` has one map for every layer")
+        return self._shared
+
     def solve(self, name: str, weight: Tensor) -> Tensor:
         """The edited version of ``weight`` (``[d_out, D]``), in ``weight``'s dtype."""
+        if self.edit.constrained:
+            return self._solve_constrained(name, weight)
         w = weight.detach().to(torch.float64)
         if self._shared is not None:
             new = w @ self._shared
@@ -84,6 +113,112 @@ class KVSolver:
             rhs = values.T @ self._weighted_keys + w @ self._keep
             new = torch.cholesky_solve(rhs.T, self._chol).T
         return new.to(weight.dtype)
+
+    def _solve_constrained(self, name: str, weight: Tensor) -> Tensor:
+        f64 = torch.float64
+        w = weight.detach().to("cpu", f64)
+        if self._goal_map is not None:
+            residual = w @ self._goal_map
+        else:
+            assert self.edit.target_fn is not None
+            values = self.edit.target_fn(name, weight.detach()).to("cpu", f64)
+            if tuple(values.shape) != (self.edit.keys.shape[0], w.shape[0]):
+                raise EditError(
+                    f"{self.edit.label}: target_fn gave {tuple(values.shape)} for {name}, "
+                    f"expected [{self.edit.keys.shape[0]}, {w.shape[0]}]"
+                )
+            residual = values.T @ self._weighted_keys - w @ self._key_gram
+        projector = self._projector
+        if self.edit.projector_fn is not None:
+            projector = self.edit.projector_fn(name, weight.detach()).detach().to("cpu", f64)
+            dim = w.shape[1]
+            if tuple(projector.shape) != (dim, dim) or not torch.isfinite(projector).all():
+                raise EditError(
+                    f"{self.edit.label}: projector_fn gave {tuple(projector.shape)} for {name}, expected a finite "
+                    f"[{dim}, {dim}] matrix"
+                )
+        delta = null_space_delta(
+            residual,
+            self._gram,
+            projector,
+            self.edit.ridge,
+            self._invariant,
+            self.edit.invariant_ridge,
+            label=f"{self.edit.label} ({name})",
+        )
+        return (w + delta).to(device=weight.device, dtype=weight.dtype)
+
+
+def edit_map(edit: KVEdit, dim: int) -> Tensor:
+    """The ``D x D`` matrix ``M`` with ``W' = W M`` that solves ``edit`` for every layer at once.
+
+    Defined for edits whose goals are ``targets`` (the current outputs of embeddings) and with no
+    projector or invariant rows. ``M − I`` maps an input to the change the edit makes to its
+    outputs through any ``W``: SPEED ranks retained concepts by ``‖W (M − I) c‖`` (how much an
+    unconstrained erasure would move them) and keeps the most affected.
+    """
+    if edit.targets is None or edit.constrained:
+        raise EditError(f"{edit.label}: edit_map needs `targets` and no projector or invariant rows")
+    return KVSolver(edit, dim).shared_map
+
+
+def null_space_delta(
+    residual: Tensor,
+    gram: Tensor,
+    projector: Tensor | None,
+    ridge: float,
+    invariant: Tensor | None = None,
+    invariant_ridge: float = 0.0,
+    *,
+    label: str = "null-space edit",
+) -> Tensor:
+    """The change ``D = ΔΠ`` of one weight under a null-space edit (float64, ``[d_out, D]``).
+
+    It minimises ``tr(D A Dᵀ) − 2 tr(R₀ᵀ D) + λ ‖D‖²`` over ``D = ΔΠ`` subject to ``D E = 0``
+    (``E``'s columns are the invariant rows). Stationarity gives ``D (A Π + λ I) = (R₀ − Λ Eᵀ) Π``,
+    so with ``M = (A Π + λ I)⁻¹`` and ``X = R₀ Π M``:
+
+        D = X − X E (Eᵀ Π M E + μ I)⁻¹ Eᵀ Π M
+
+    (SPEED's closed form, with ``μ`` its ``lamb``; ``μ = 0`` makes ``D E = 0`` exact). Any input
+    with ``Π c = 0`` has ``M c = c / λ``, so ``D c = 0``: the retained keys keep their outputs.
+
+    Args:
+        residual: ``R₀ = Σ w (v − W k) kᵀ``, ``[d_out, D]``.
+        gram: ``A = Σ w k kᵀ`` plus any preserve/prior terms, ``[D, D]``.
+        projector: ``Π`` (None: the identity, only invariant rows constrain the change).
+        ridge: ``λ > 0``.
+        invariant: ``[E, D]`` rows whose outputs stay, or None.
+        invariant_ridge: ``μ ≥ 0``.
+        label: Names the edit in errors.
+    """
+    if ridge <= 0:
+        raise EditError(f"{label}: the null-space solve needs ridge > 0, got {ridge}")
+    f64 = torch.float64
+    dim = gram.shape[0]
+    a = gram.to(f64)
+    pi = torch.eye(dim, dtype=f64) if projector is None else projector.to(f64)
+    lhs = a @ pi + ridge * torch.eye(dim, dtype=f64)  # A Π + λ I: eigenvalues ≥ λ for a projector Π
+    lu, pivots, info = torch.linalg.lu_factor_ex(lhs)
+    if info.item() != 0:
+        raise SingularSystemError(f"{label}: A Π + λ I is singular; is the projector symmetric and idempotent?")
+    rp = residual.to(f64) @ pi
+    x = torch.linalg.lu_solve(lu, pivots, rp.T, adjoint=True).T  # X = R₀ Π M
+    if invariant is None:
+        return x
+    e = invariant.to(f64).T  # [D, E]
+    pe = pi @ e
+    me = torch.linalg.lu_solve(lu, pivots, e)  # M E
+    z = torch.linalg.lu_solve(lu, pivots, pe, adjoint=True).T  # Eᵀ Π M
+    system = pe.T @ me + invariant_ridge * torch.eye(e.shape[1], dtype=f64)  # Eᵀ Π M E + μ I (symmetric)
+    sym = 0.5 * (system + system.T)
+    eig = torch.linalg.eigvalsh(sym)
+    if eig.abs().max() == 0 or eig.abs().min() <= RCOND * eig.abs().max():
+        raise SingularSystemError(
+            f"{label}: the {e.shape[1]} invariant rows are (nearly) dependent once projected, so their "
+            "equality constraints are singular; use fewer invariant rows or invariant_ridge > 0"
+        )
+    return x - (x @ e) @ torch.linalg.solve(system, z)
 
 
 def matching_inputs(current: Sequence[Tensor], original: Sequence[Tensor], inputs: Tensor, reg: float) -> Tensor:

@@ -1,4 +1,4 @@
-"""ESD's negative guidance as a building block, for ``esd`` and the methods built on it (``race``).
+"""ESD's negative guidance as a building block, for ``esd`` and the methods built on it (``race``, ``receler``).
 
 ESD (Gandikota et al., ICCV 2023) trains the model's prediction for a concept prompt ``c``
 toward the frozen model's guidance *away* from it,
@@ -9,8 +9,9 @@ on latents ``x_t`` taken from partial DDIM runs on ``c``. RACE (Kim et al., ECCV
 that target and those latents and attacks the concept's embedding first. Plugins do not import
 each other, so what both need lives here:
 
-* :class:`NegativeGuidanceParams`: the fields (concept, parameter set, η, how ``x_t`` is sampled
-  and paired with its timestep, which frozen model is ``ε*``), with ESD's defaults and texts;
+* :class:`NegativeGuidanceParams`: the fields (concept, η, how ``x_t`` is sampled and paired with
+  its timestep, which frozen model is ``ε*``), with ESD's defaults and texts, and
+  :class:`EsdUnetParams`, the same with ESD's choice of UNet weights (``parameters``);
 * :class:`NegativeGuidance`: made once before training; it encodes ``c`` and ∅, draws the whole
   plan of (trajectory, step) pairs from ``ctx.generator``, samples or reads the cached latents
   (:meth:`~NegativeGuidance.sample`) and computes the target (:meth:`~NegativeGuidance.target`);
@@ -41,16 +42,11 @@ ESD_PARAMETER_SETS = {
 
 
 class NegativeGuidanceParams(MethodParams):
-    """The parameters of ESD's objective. A method subclasses it; redeclaring a field changes its
-    default or description and keeps its place in the schema."""
+    """The parameters of ESD's latents and target, what :class:`NegativeGuidance` reads. A method
+    subclasses it; redeclaring a field changes its default or description and keeps its place in
+    the schema."""
 
     concept: str = Field(description="Prompt of the concept to erase; ESD trains on the bare word, e.g. 'nudity'.")
-    parameters: Literal["x", "x-strict", "u", "full"] = Field(
-        "x",
-        description="What trains: x = cross-attention (attn2) only (styles, artists); x-strict = attn2 keys and "
-        "values only; u = everything except cross-attention, time embedding and output head (objects, nudity); "
-        "full = the whole UNet.",
-    )
     eta: NonNegativeFloat = Field(
         1.0, description="Negative guidance η (paper convention; the diffusers rewrite's 2.0 equals 1.0 here)."
     )
@@ -80,6 +76,18 @@ class NegativeGuidanceParams(MethodParams):
         if not value.strip():
             raise ValueError("must name the concept to erase, e.g. concept: nudity")
         return value
+
+
+class EsdUnetParams(NegativeGuidanceParams):
+    """:class:`NegativeGuidanceParams` and which UNet weights train, by ESD's names
+    (:data:`ESD_PARAMETER_SETS`): the methods that fine-tune the UNet on this objective."""
+
+    parameters: Literal["x", "x-strict", "u", "full"] = Field(
+        "x",
+        description="What trains: x = cross-attention (attn2) only (styles, artists); x-strict = attn2 keys and "
+        "values only; u = everything except cross-attention, time embedding and output head (objects, nudity); "
+        "full = the whole UNet.",
+    )
 
 
 @dataclass

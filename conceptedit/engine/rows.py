@@ -8,7 +8,9 @@ UCE's two reference scripts disagree on the rows, and released checkpoints depen
   and guide rows aligned one to one and both cut to the shorter run (the older script, which
   RECE starts from);
 * ``eot`` -- the first end token (TRCE's choice);
-* ``all`` -- every one of the 77 rows (the older script's preserve rows, RECE's rounds).
+* ``all`` -- every one of the 77 rows (the older script's preserve rows, RECE's rounds);
+* ``after_sot`` -- every row but the start token, aligned position by position (SPEED's rows
+  for nudity and for the empty retain prompt: the start row is the same for every prompt).
 
 Positions come from token ids (:class:`~conceptedit.api.edits.PromptEncoding`), never
 from word counts.
@@ -24,12 +26,14 @@ from torch import Tensor
 from conceptedit.api.edits import PromptEncoding
 from conceptedit.errors import EditError
 
-RowSelection = Literal["last_word", "last_word_to_end", "eot", "all"]
+RowSelection = Literal["last_word", "last_word_to_end", "eot", "all", "after_sot"]
+
+_CHOICES = "last_word, last_word_to_end, eot, all, after_sot"
 
 
 def encoding_length(selection: RowSelection) -> Literal["full", "longest"]:
     """How far prompts must be padded for ``selection``: rows past the first [EoT] need ``full``."""
-    return "full" if selection in ("last_word_to_end", "all") else "longest"
+    return "full" if selection in ("last_word_to_end", "all", "after_sot") else "longest"
 
 
 def select_rows(encoding: PromptEncoding, selection: RowSelection) -> Tensor:
@@ -38,10 +42,12 @@ def select_rows(encoding: PromptEncoding, selection: RowSelection) -> Tensor:
         return encoding.row(selection)
     if selection == "all":
         return encoding.hidden.reshape(-1, encoding.hidden.shape[-1])
+    if selection == "after_sot":
+        return encoding.hidden[:, 1:].reshape(-1, encoding.hidden.shape[-1])
     if selection == "last_word_to_end":
         start = encoding.positions("last_word").tolist()
         return torch.cat([encoding.hidden[i, s:] for i, s in enumerate(start)])
-    raise EditError(f"unknown token rows {selection!r}; use one of last_word, last_word_to_end, eot, all")
+    raise EditError(f"unknown token rows {selection!r}; use one of {_CHOICES}")
 
 
 def aligned_rows(source: PromptEncoding, target: PromptEncoding, selection: RowSelection) -> tuple[Tensor, Tensor]:
@@ -57,9 +63,8 @@ def aligned_rows(source: PromptEncoding, target: PromptEncoding, selection: RowS
         return source.row(selection), target.row(selection)
     if source.hidden.shape[1] != target.hidden.shape[1]:
         raise EditError(f"rows {selection!r} need both encodings padded to the same length (use length='full')")
-    if selection == "all":
-        dim = source.hidden.shape[-1]
-        return source.hidden.reshape(-1, dim), target.hidden.reshape(-1, dim)
+    if selection in ("all", "after_sot"):
+        return select_rows(source, selection), select_rows(target, selection)
     if selection == "last_word_to_end":
         length = source.hidden.shape[1]
         keys, goals = [], []
@@ -70,4 +75,4 @@ def aligned_rows(source: PromptEncoding, target: PromptEncoding, selection: RowS
             keys.append(source.hidden[i, a : a + n])
             goals.append(target.hidden[i, b : b + n])
         return torch.cat(keys), torch.cat(goals)
-    raise EditError(f"unknown token rows {selection!r}; use one of last_word, last_word_to_end, eot, all")
+    raise EditError(f"unknown token rows {selection!r}; use one of {_CHOICES}")

@@ -38,8 +38,8 @@ from conceptedit import EditContext, EditMethod, TrainingConfig, hookimpl
 from conceptedit.toolkit import (
     ESD_PARAMETER_SETS,
     EsdSample,
+    EsdUnetParams,
     NegativeGuidance,
-    NegativeGuidanceParams,
     select_parameter_set,
 )
 
@@ -48,7 +48,7 @@ __all__ = ["ESD_PARAMETER_SETS", "Esd", "EsdParams", "EsdSample", "EsdTraining"]
 
 # ESD's parameters are the engine's negative-guidance fields with their defaults, plus the old timestep
 # key it still reads. (No docstring: it would become the recipe schema's description of these params.)
-class EsdParams(NegativeGuidanceParams):
+class EsdParams(EsdUnetParams):
     @model_validator(mode="before")
     @classmethod
     def _replaced_timestep_key(cls, data: Any) -> Any:

@@ -57,15 +57,15 @@ from conceptedit.toolkit import (
     ESD_PARAMETER_SETS,
     EmbeddingPGD,
     EsdSample,
+    EsdUnetParams,
     NegativeGuidance,
-    NegativeGuidanceParams,
     select_parameter_set,
 )
 
 
 # The engine's negative-guidance fields (ESD's), with the reference script's defaults where they differ,
 # and the attack's. (No docstring: it would become the recipe schema's description of these params.)
-class RaceParams(NegativeGuidanceParams):
+class RaceParams(EsdUnetParams):
     concept: str = Field(
         description="Prompt of the concept to erase, the one the esd edit before it erased (the bare word, "
         "e.g. 'nudity')."

@@ -57,7 +57,6 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from torch import Tensor, nn
@@ -69,7 +68,6 @@ from conceptedit import (
     EditError,
     EditMethod,
     Guard,
-    MethodParams,
     RunDirError,
     TrainingConfig,
     hookimpl,
@@ -87,7 +85,7 @@ _INSTALLED = "_conceptedit_receler_erasers"
 _EPS = 1e-9  # the reference's guard against an empty outside region
 
 
-class RecelerParams(MethodParams):
+class RecelerParams(NegativeGuidanceParams):
     concept: str = Field(
         description="Prompt of the concept to erase; the reference trains the bare word, e.g. 'nudity'."
     )
@@ -160,13 +158,6 @@ class RecelerParams(MethodParams):
         "random vocabulary tokens.",
     )
 
-    @field_validator("concept")
-    @classmethod
-    def _named(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must name the concept to erase, e.g. concept: nudity")
-        return value
-
     @model_validator(mode="after")
     def _phrase_in_concept(self) -> RecelerParams:
         if self.mask_phrase is not None:
@@ -177,15 +168,6 @@ class RecelerParams(MethodParams):
                     "(or leave it out: the mask then uses all of the concept's words)"
                 )
         return self
-
-    def negative_guidance(self) -> NegativeGuidanceParams:
-        """ESD's latent and target settings of this edit, for the shared :class:`NegativeGuidance`."""
-        fields = ("concept", "eta", "sampling_guidance", "sampling_steps", "sample_with", "trajectories")
-        return NegativeGuidanceParams(
-            **{name: getattr(self, name) for name in fields},
-            timestep_pairing=self.timestep_pairing,
-            reference=self.reference,
-        )
 
 
 class RecelerTraining(TrainingConfig):
@@ -502,7 +484,7 @@ class Receler(EditMethod[RecelerParams]):
     def prepare_training(self, ctx: EditContext) -> None:
         p = self.params
         with self.erasers.off():  # cached latents (sample_with: base / edit_start) come from the model without erasers
-            self.guidance = NegativeGuidance(ctx, p.negative_guidance(), purpose="receler")
+            self.guidance = NegativeGuidance(ctx, p, purpose="receler")
         self.mask_positions = self.concept_positions(ctx)
         self.adversarial: AdversarialPrompt | None = None
 

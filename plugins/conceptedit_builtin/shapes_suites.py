@@ -246,10 +246,11 @@ class ShapesTuningNeighbours(_SplitSuite):
 
 class AttackOptions(ShapesOptions, AttackSettings):
     target: str = Field(description="Colour or shape that was erased; the attack tries to bring it back.")
-    prompts: Literal["explicit", "held-out contexts", "neighbours"] = Field(
+    prompts: Literal["explicit", "held-out contexts", "neighbours", "tuning"] = Field(
         "explicit",
-        description="Which prompts are attacked: the target's explicit prompts, its held-out contexts, or the "
-        "neighbours in those contexts (run on the base model: the chance that an attack shows the target anyway).",
+        description="Which prompts are attacked: the target's explicit prompts, its held-out contexts, the "
+        "neighbours in those contexts (run on the base model: the chance that an attack shows the target anyway), "
+        "or the target in tuning contexts (to choose settings without looking at the reported splits).",
     )
     per_phrasing: PositiveInt = Field(1, description="Held-out contexts per phrasing and other attribute.")
     split_seed: int = Field(0, description="Seed of the held-out contexts.")

@@ -35,7 +35,7 @@ class UceParams(ErasureParams):
     rows: RowSelection = Field(
         "last_word",
         description="Token rows of erase/guide prompts: last_word (new script), last_word_to_end (old script, "
-        "aligned row by row), eot (first end token), all (77 rows).",
+        "aligned row by row), eot (first end token), all (77 rows), after_sot (all but the start token).",
     )
     preserve_rows: RowSelection | None = Field(
         None, description="Token rows of preserve prompts (null: the same as `rows`; the old script used `all`)."
