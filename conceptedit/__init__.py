@@ -15,20 +15,22 @@ from conceptedit.api.concepts import ConceptSource, ConceptSourceOptions
 from conceptedit.api.context import EditContext, RunContext
 from conceptedit.api.edits import Guard, KVEdit, PromptEncoding, PromptPair
 from conceptedit.api.evaluator import EvaluatedModel, Evaluator, Sample
+from conceptedit.api.export import Exporter, ExportOptions, ExportReport, ExportSource
 from conceptedit.api.hooks import hookimpl
 from conceptedit.api.method import EditMethod
 from conceptedit.api.params import MethodParams, TrainingConfig
 from conceptedit.api.paths import PathText
 from conceptedit.api.recipe import ConceptRef
-from conceptedit.api.results import EditOutcome, Example, Exporter, RunResult, SuiteResult
+from conceptedit.api.results import EditOutcome, Example, RunResult, SuiteResult
 from conceptedit.api.suite import AttackSettings, PromptSuite, SuiteOptions, SuitePrompt
 from conceptedit.engine.guards import installed_guards, suspend_guards
-from conceptedit.engine.reload import load, read_manifest
+from conceptedit.engine.reload import load, load_guards, read_manifest
 from conceptedit.errors import (
     AttackError,
     BackboneError,
     ConceptEditError,
     EditError,
+    ExportError,
     ModelLoadError,
     PluginError,
     RecipeError,
@@ -38,6 +40,7 @@ from conceptedit.errors import (
     UnknownMethodError,
     UnknownSuiteError,
 )
+from conceptedit.export_run import ExportResult, export, export_formats
 from conceptedit.models.loading import load_model
 from conceptedit.recipe.loader import load_recipe
 from conceptedit.run import apply
@@ -66,6 +69,11 @@ __all__ = [
     "EvaluatedModel",
     "Evaluator",
     "Example",
+    "ExportError",
+    "ExportOptions",
+    "ExportReport",
+    "ExportResult",
+    "ExportSource",
     "Exporter",
     "Guard",
     "KVEdit",
@@ -91,9 +99,12 @@ __all__ = [
     "UnknownSuiteError",
     "__version__",
     "apply",
+    "export",
+    "export_formats",
     "hookimpl",
     "installed_guards",
     "load",
+    "load_guards",
     "load_model",
     "load_recipe",
     "read_manifest",

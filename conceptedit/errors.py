@@ -102,3 +102,8 @@ class RunDirError(ConceptEditError):
 
 class AttackError(ConceptEditError):
     """An attack cannot run as asked (unknown kind or option, no room in the prompt for its tokens)."""
+
+
+class ExportError(ConceptEditError):
+    """A run cannot be written in the asked format (unknown format or option, base model not found,
+    a part of the edit the format cannot hold)."""

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from conceptedit.api.backbone import BackboneAdapter
     from conceptedit.api.concepts import ConceptSource
     from conceptedit.api.evaluator import Evaluator
+    from conceptedit.api.export import Exporter
     from conceptedit.api.method import EditMethod
-    from conceptedit.api.results import Exporter
     from conceptedit.api.suite import PromptSuite
 
 ENTRY_POINT_GROUP = "conceptedit"

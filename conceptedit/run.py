@@ -35,6 +35,7 @@ from conceptedit.engine.reload import load, read_manifest
 from conceptedit.errors import ConceptEditError, RunDirError
 from conceptedit.evaluation.evaluate import evaluate_into
 from conceptedit.evaluation.loss_curves import read_run_logs
+from conceptedit.export_run import export
 from conceptedit.io.atomic import atomic_write_text, publish_dir
 from conceptedit.io.edit_file import EDIT_FILE, edit_scope, save_edit
 from conceptedit.io.manifest import MANIFEST_FILE, build_manifest, plugin_versions
@@ -299,9 +300,6 @@ def _write_outputs(
         base_model=base_info,
         base_digests=run.ledger.base_digests(changed),
     )
-    exporters = run.host.registry.exporters
-    for fmt in recipe.output.formats:
-        exporters[fmt].export(base.pipeline, staging)
     shutil.rmtree(staging / "checkpoints", ignore_errors=True)
     manifest = build_manifest(
         plugins=plugin_versions(run.host.infos.values()),
@@ -321,11 +319,22 @@ def _write_outputs(
     return manifest
 
 
+def _export_formats(the_plan: Plan, host: PluginHost) -> None:
+    """The recipe's formats, each written from the published run folder as ``conceptedit export``
+    writes it (``delta`` is the run folder itself)."""
+    output = the_plan.loaded.recipe.output
+    for fmt in output.formats:
+        if fmt != "delta":
+            export(the_plan.run_dir, fmt, options=output.export_options.get(fmt), overwrite=True, host=host)
+
+
 def _publish(run: RunContext, the_plan: Plan, processes: PartialState, *, resume: bool) -> None:
-    """The staging folder becomes the run folder in one rename, once every process is done."""
+    """The staging folder becomes the run folder in one rename, once every process is done; then
+    the recipe's other formats are written from it, each published on its own."""
     processes.wait_for_everyone()
     if processes.is_main_process:
         publish_dir(run.run_dir, the_plan.run_dir, overwrite=run.recipe.output.overwrite or resume)
+        _export_formats(the_plan, run.host)
     else:
         shutil.rmtree(run.run_dir, ignore_errors=True)
 

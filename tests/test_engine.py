@@ -44,9 +44,9 @@ def test_every_hook_point_end_to_end(recorder: Recorder, tmp_path: Path) -> None
     assert result.run_dir == run_dir
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "edit.safetensors",
+        "exports",
         "logs",
         "manifest.json",
-        "pipeline",
         "recipe.resolved.yaml",
         "recipe.yaml",
     ]
@@ -90,7 +90,7 @@ def test_every_hook_point_end_to_end(recorder: Recorder, tmp_path: Path) -> None
         assert torch.equal(getattr(fresh, component).get_parameter(rest), tensor)
 
     # the full pipeline folder loads with plain diffusers and carries the edit
-    plain = StableDiffusionPipeline.from_pretrained(str(run_dir / "pipeline"), local_files_only=True)
+    plain = StableDiffusionPipeline.from_pretrained(str(run_dir / "exports/diffusers/pipeline"), local_files_only=True)
     for name, tensor in saved.items():
         component, rest = name.split(".", 1)
         assert torch.equal(getattr(plain, component).get_parameter(rest), tensor)

@@ -51,7 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("plugins",),
     ("recipe",),
     ("engine", "evaluation"),
-    ("run",),
+    ("run", "export_run"),
     ("cli", "toolkit", "testing", "__main__"),
     ("face",),
 )

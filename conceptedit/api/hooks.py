@@ -28,9 +28,10 @@ if TYPE_CHECKING:
     from conceptedit.api.concepts import ConceptSource
     from conceptedit.api.context import EditContext, RunContext
     from conceptedit.api.evaluator import Evaluator
+    from conceptedit.api.export import Exporter
     from conceptedit.api.method import EditMethod
     from conceptedit.api.recipe import EditBase, RecipeBase
-    from conceptedit.api.results import EditOutcome, Exporter, RunResult
+    from conceptedit.api.results import EditOutcome, RunResult
     from conceptedit.api.suite import PromptSuite
 
 PROJECT_NAME = "conceptedit"
@@ -72,13 +73,16 @@ def conceptedit_register_backbones(register: Callable[[type[BackboneAdapter]], N
 
 @hookspec
 def conceptedit_register_exporters(register: Callable[[Exporter], None]) -> None:
-    """Add output formats for a run folder (named in a recipe's ``output.formats``).
+    """Add output formats for a finished run (``conceptedit export --format``, ``output.formats``).
 
-    Built-ins: ``delta`` (``edit.safetensors``, always written) and ``diffusers`` (a full
-    pipeline folder that plain ``StableDiffusionPipeline.from_pretrained`` loads).
+    An exporter writes an :class:`~conceptedit.api.export.ExportSource` (the base and edited
+    values of the changed tensors, the edited pipeline, the recipe) into a staging folder;
+    :func:`conceptedit.export` loads it back with the exporter's ``reload`` to check it, adds the
+    model card, and publishes it. Built-ins: ``delta``, ``diffusers``, ``lora``, ``kohya``,
+    ``single-file``, ``te-delta``.
 
     Args:
-        register: Adds one :class:`~conceptedit.io.exporters.Exporter`.
+        register: Adds one :class:`~conceptedit.api.export.Exporter`.
     """
 
 

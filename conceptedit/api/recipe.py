@@ -146,7 +146,13 @@ class OutputSpec(Strict):
         "{time} the start time.",
     )
     formats: list[str] = Field(
-        ["delta"], description="Exporters to run: delta (edit.safetensors, always), diffusers (full pipeline)."
+        ["delta"],
+        description="Formats to write (`conceptedit export --list RUN` names them): delta (edit.safetensors, the run "
+        "folder itself, always), diffusers, lora, kohya, single-file, te-delta...; each but delta goes to "
+        "<run>/exports/<format>/, as `conceptedit export` writes it.",
+    )
+    export_options: dict[str, dict[str, Any]] = Field(
+        {}, description="Options per format, e.g. {lora: {rank: 16}} or {lora: {max_error: 0.001}}."
     )
     overwrite: bool = Field(False, description="Replace an existing run folder.")
 

@@ -1,8 +1,7 @@
-"""What a run reports back (per-edit outcomes, the run, suite results) and the exporter type."""
+"""What a run reports back: per-edit outcomes, the run, suite results."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,21 +63,6 @@ class RunResult:
     changed: list[str]
     manifest: dict[str, Any]
     evaluation: list[SuiteResult] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Exporter:
-    """Writes one format into a run folder being built.
-
-    Attributes:
-        name: What ``output.formats`` lists.
-        description: One line for ``conceptedit plugins``/docs.
-        export: ``(pipeline, run_dir) -> None``; ``edit.safetensors`` is already written.
-    """
-
-    name: str
-    description: str
-    export: Callable[[Any, Path], None]
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -306,6 +307,97 @@ def _print_run(result: Any) -> None:
         from conceptedit.evaluation.evaluate import print_results
 
         print_results(result.evaluation, out)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    fmt: Annotated[
+        str | None, typer.Option("--format", "-f", help="lora, kohya, single-file, diffusers, te-delta, delta...")
+    ] = None,
+    list_formats: Annotated[bool, typer.Option("--list", help="Name the formats this run can be written in.")] = False,
+    rank: Annotated[int | None, typer.Option(help="LoRA formats: one rank for every matrix.")] = None,
+    max_error: Annotated[
+        float | None, typer.Option("--max-error", help="LoRA formats: per matrix, the smallest rank within this error.")
+    ] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="Another format option, KEY=VALUE (YAML value).")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Export folder (default RUN/exports/FORMAT).")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="The base model, when the one the run names is not where it was.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")] = False,
+    push_to_hub: Annotated[
+        str | None, typer.Option("--push-to-hub", help="Then upload the export folder to this Hub repo.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Write a run in a format other tools load: LoRA, kohya, single-file checkpoint, diffusers folder."""
+    from conceptedit.export_run import export, export_formats
+    from conceptedit.export_run import push_to_hub as upload
+
+    plugin_host = host()
+    if list_formats:
+        _print_formats(export_formats(run_dir, base=base, host=plugin_host), as_json)
+        return
+    if fmt is None:
+        raise typer.BadParameter("name a format with --format (or see them with --list)")
+    options = _export_options(rank, max_error, option or [])
+    result = export(run_dir, fmt, options=options, out=out_dir, base=base, overwrite=overwrite, host=plugin_host)
+    url = upload(result.folder, push_to_hub) if push_to_hub else None
+    if as_json:
+        record = json.loads((result.folder / "export.json").read_text(encoding="utf-8"))
+        print(json.dumps({"folder": str(result.folder), "uploaded": url, **record}, indent=2))
+        return
+    _print_export(result, url)
+
+
+def _export_options(rank: int | None, max_error: float | None, items: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if rank is not None:
+        options["rank"] = rank
+    if max_error is not None:
+        options["max_error"] = max_error
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"--option {item!r}: write KEY=VALUE, e.g. --option rank=16")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def _print_formats(available: dict[str, str | None], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({name: {"available": why is None, "why_not": why} for name, why in available.items()}))
+        return
+    table = Table(title="export formats for this run")
+    table.add_column("format")
+    table.add_column("available")
+    for name, why in available.items():
+        table.add_row(name, "yes" if why is None else f"no: {why}")
+    out.print(table)
+
+
+def _print_export(result: Any, url: str | None) -> None:
+    check = result.check
+    out.print(f"wrote {result.format} to {result.folder}: {', '.join(result.report.files)}")
+    if check.get("checked"):
+        out.print(
+            f"loaded back and compared with the edit: weights within {check['weights_max_relative_error']:.3g} "
+            f"(relative), images differ by {check['pixel_mean_abs_diff']:.3g} on average "
+            f"(max {check['pixel_max_abs_diff']:.3g}, 8-bit values)"
+        )
+    else:
+        out.print(f"[yellow]not checked[/]: {_escape(check.get('why', ''))}")
+    for note in result.report.notes:
+        out.print(f"[yellow]note[/]: {_escape(note)}", soft_wrap=True)
+    if url:
+        out.print(f"uploaded to {url}")
 
 
 # --------------------------------------------------------------------------- generate / env

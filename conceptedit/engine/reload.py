@@ -56,13 +56,23 @@ def load(pipeline: Any, run_dir: str | Path, *, check_base: bool = True, host: P
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name].to(param.device, param.dtype))
+    load_guards(pipeline, folder, host=host)
+    return pipeline
+
+
+def load_guards(pipeline: Any, folder: str | Path, *, host: PluginHost | None = None) -> Any:
+    """Install the inference-time guards a run folder (or an export of it) lists in its manifest,
+    in recipe order, and return the pipeline: what no weight file can hold (SLD, AdaVD, Receler's
+    erasers) put back into a pipeline loaded from an exported format."""
+    folder = Path(folder)
+    host = host or get_host()
     guards = read_manifest(folder).get("guards", [])
     install_guards(
         pipeline,
         folder,
         [g["file"] for g in guards],
         host=host,
-        adapter=adapter,
+        adapter=resolve_backbone(pipeline, host.registry.backbones),
         digests=[g.get("digest") for g in guards],
     )
     return pipeline

@@ -675,6 +675,34 @@ def _cross_checks(recipe: RecipeBase, schema: RecipeSchema, host: PluginHost, li
                     did_you_mean(fmt, list(exporters)),
                 )
             )
+    issues.extend(_check_export_options(recipe, exporters, lines))
+    return issues
+
+
+def _check_export_options(recipe: Any, exporters: dict[str, Any], lines: _LineIndex) -> list[RecipeIssue]:
+    """Each ``output.export_options`` entry names a listed format and passes that format's options model."""
+    issues = []
+    for fmt, options in recipe.output.export_options.items():
+        where = f"output.export_options.{fmt}"
+        if fmt not in recipe.output.formats:
+            issues.append(
+                RecipeIssue(
+                    where,
+                    f"options for {fmt!r}, which output.formats does not list",
+                    lines.line(where),
+                    f"add {fmt} to output.formats or remove these options",
+                )
+            )
+            continue
+        if fmt not in exporters:
+            continue  # reported as an unknown format above
+        try:
+            exporters[fmt].Options.model_validate(options)
+        except ValidationError as exc:
+            for e in exc.errors():
+                field = ".".join(str(p) for p in e["loc"])
+                known = ", ".join(exporters[fmt].Options.model_fields) or "none"
+                issues.append(RecipeIssue(f"{where}.{field}", e["msg"], lines.line(where), f"{fmt}'s options: {known}"))
     return issues
 
 
