@@ -91,13 +91,13 @@ def export(
     host = host or get_host()
     folder = Path(run_dir)
     exporter = _exporter(host, fmt)
+    target = Path(out) if out is not None else folder / EXPORTS_DIR / fmt
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} already exists; pass --overwrite (overwrite=True) or another --out")
     source = read_source(folder, exporter, options or {}, base, host)
     reason = exporter.unavailable_reason(source)
     if reason:
         raise ExportError(f"{folder}: cannot export as {fmt}: {reason}")
-    target = Path(out) if out is not None else folder / EXPORTS_DIR / fmt
-    if target.exists() and not overwrite:
-        raise ExportError(f"{target} already exists; pass --overwrite (overwrite=True) or another --out")
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -225,6 +225,7 @@ def check_export(
     return {
         "checked": True,
         "weights_max_relative_error": max(errors.values(), default=0.0),
+        "weights_worst_tensor": max(errors, key=lambda name: errors[name], default=None),
         "weights_relative_error": errors,
         "images": len(pixels),
         "prompts": list(prompts),

@@ -137,7 +137,8 @@ def _check_section(check: dict[str, Any]) -> str:
     return (
         "## Checked\n\n"
         "This export was loaded back the way its users load it and compared with the edit it came from: "
-        f"largest relative weight error {check['weights_max_relative_error']:.3g} over the changed tensors; "
+        f"largest relative weight error {check['weights_max_relative_error']:.3g} over the changed tensors "
+        f"(`{check.get('weights_worst_tensor')}`); "
         f"{check['images']} images ({len(check['prompts'])} prompts × seeds {check['seeds']}, "
         f"{check['sampling']['steps']} steps) differ by {check['pixel_mean_abs_diff']:.3g} on average and at most "
         f"{check['pixel_max_abs_diff']:.3g} (8-bit pixel values)."
