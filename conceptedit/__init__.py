@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from conceptedit.api.adversary import AdversarialPrompt, Adversary
-from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer
+from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer, PredictionType
 from conceptedit.api.concepts import ConceptSource, ConceptSourceOptions
 from conceptedit.api.context import EditContext, RunContext
 from conceptedit.api.edits import Guard, KVEdit, PromptEncoding, PromptPair
@@ -81,6 +81,7 @@ __all__ = [
     "ModelLoadError",
     "PathText",
     "PluginError",
+    "PredictionType",
     "PromptEncoding",
     "PromptPair",
     "PromptSuite",

@@ -13,7 +13,10 @@ else, so a third-party method has every tool a built-in has. Grouped by hook poi
   the solver's closed form itself (:func:`null_space_delta`) and the one map ``W' = W M`` of an
   unconstrained edit (:func:`edit_map`, e.g. to rank inputs by how much an erasure moves them);
 * trajectory loss: cached or fresh DDIM latents (:func:`sample_planned`, :func:`partial_ddim`),
-  training plans and timestep samplers, named parameter sets, seeds; ESD's negative-guidance
+  training plans and timestep samplers, named parameter sets, seeds; forward diffusion
+  (:func:`add_noise`) and the true target in the scheduler's prediction type (:func:`training_target`:
+  ε, or v on SD-2.x 768; :func:`output_from_noise` for latents known by ``x_t``;
+  :func:`output_per_noise` to read output differences in ε units); ESD's negative-guidance
   latents and target for methods built on ESD (:class:`NegativeGuidance`); APG's normalised
   guidance and STEREO's compositional sum of it, for training targets (:func:`normalized_guidance`,
   :func:`normalized_update`, :func:`compositional_guidance`);
@@ -93,6 +96,7 @@ from conceptedit.engine.trajectories import PlannedLatents, ddim_timesteps, part
 from conceptedit.evaluation.metrics import attack_metrics, change_metrics, fid_from_features
 from conceptedit.evaluation.stats import Rate, wilson_interval
 from conceptedit.models.backbone import StableDiffusionAdapter
+from conceptedit.models.prediction import output_from_noise, output_per_noise, prediction_type, training_target
 from conceptedit.models.tokenizer import clean_prompt
 from conceptedit.recipe.concepts import template_pairs
 from conceptedit.shapes.contexts import CONTEXT_WORDS as SHAPES_CONTEXT_WORDS
@@ -187,8 +191,11 @@ __all__ = [
     "normalized_update",
     "null_space_delta",
     "null_space_projector",
+    "output_from_noise",
+    "output_per_noise",
     "partial_ddim",
     "placeholder_slots",
+    "prediction_type",
     "project_guidance",
     "prompt_sources",
     "prompt_text",
@@ -210,6 +217,7 @@ __all__ = [
     "shapes_overlap_problems",
     "shapes_prompt_sets",
     "template_pairs",
+    "training_target",
     "uniform_timesteps",
     "wilson_interval",
 ]

@@ -16,6 +16,10 @@ from torch import Tensor, nn
 from conceptedit.api.edits import PromptEncoding
 from conceptedit.errors import BackboneError
 
+#: What a denoiser outputs (a diffusers scheduler's ``prediction_type``): the noise ε, the velocity
+#: ``v = √ᾱ_t ε − √(1−ᾱ_t) x₀`` (SD-2.x at 768 px) or the clean latent.
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+
 
 @dataclass(frozen=True)
 class CrossAttentionLayer:
@@ -44,7 +48,8 @@ class CrossAttentionLayer:
 class BackboneAdapter:
     """Access to the parts of one pipeline family. Subclass and register to add a family."""
 
-    #: ``sd1``, ``sd2``...: a class default an adapter may refine per pipeline.
+    #: ``sd1``, ``sd2``...: a class default an adapter may refine per pipeline (methods declare the
+    #: families they support; a recipe asking one for another family is refused before it runs).
     family: str
     description: ClassVar[str]
 
@@ -127,7 +132,14 @@ class BackboneAdapter:
     def predict_noise(
         self, latents: Tensor, timesteps: Tensor, hidden: Tensor, unet: nn.Module | None = None
     ) -> Tensor:
-        """The denoiser's output for ``latents`` at ``timesteps`` given text embeddings."""
+        """The denoiser's output for ``latents`` at ``timesteps`` given text embeddings, in its
+        :attr:`prediction_type` (ε for SD-1.x; v for SD-2.x at 768 px): the name is historical."""
+        raise NotImplementedError
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        """What :meth:`predict_noise` outputs, as the pipeline's scheduler says. A loss that compares
+        the output to the true noise compares it to ``conceptedit.toolkit.training_target`` instead."""
         raise NotImplementedError
 
     def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:

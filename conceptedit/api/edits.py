@@ -5,7 +5,9 @@ Prompt encoding: text-encoder embeddings plus the token positions edit methods r
 Closed-form methods pick particular token rows of a prompt's encoding: the start token
 (SoT), the first end token ([EoT]), the last padding token, the last word token, or the
 tokens of a keyword. Those positions come from token ids, never from counting words: a word
-like "Nudity" is two BPE pieces, so a word count lands on the wrong row.
+like "Nudity" is two BPE pieces, so a word count lands on the wrong row. They come from the
+end-of-text id, never from the pad id: SD-1.x pads with [EoT] itself, SD-2.x with ``!`` (id 0),
+which is also an ordinary token ("a cat!"), so the first pad id is not where the words end.
 """
 
 from __future__ import annotations
@@ -30,8 +32,13 @@ class PromptEncoding:
         prompts: The prompts as given.
         input_ids: Token ids, ``[batch, length]``.
         hidden: Text-encoder output (the embeddings cross-attention reads), ``[batch, length, dim]``.
-        eot_index: Position of the first end token in each prompt, ``[batch]``.
+        eot_index: Position of the first end token (the tokenizer's end-of-text id, whatever it
+            pads with) in each prompt, ``[batch]``; the prompt's real tokens are ``0..eot_index``.
         eos_token_id: The tokenizer's end-of-text id.
+
+    Rows: ``sot`` is position 0, ``eot`` the first [EoT], ``last_word`` the position before it
+    (the start token for an empty prompt), ``last_pad`` the last position of the padded context
+    (``length - 1``: 76 for full 77-token encodings, whatever token the tokenizer pads with).
     """
 
     prompts: list[str]
@@ -68,7 +75,10 @@ class PromptEncoding:
         return self.rows(self.positions(row))
 
     def keyword_positions(self, keyword_ids: Sequence[Sequence[int]]) -> Tensor:
-        """Position of the first token of each prompt's keyword, ``[batch]``; -1 where absent.
+        """Position of the first token of each prompt's keyword among its words, ``[batch]``; -1 where absent.
+
+        Only the words (before the first end-of-text id) are searched, never the padding (SD-2.x
+        pads with ``!``, so a keyword of ``!`` would otherwise be found in it).
 
         Args:
             keyword_ids: Per prompt, the token ids of its keyword (without SoT/EoT).
@@ -78,7 +88,8 @@ class PromptEncoding:
         found = []
         for ids, key in zip(self.input_ids.tolist(), keyword_ids, strict=True):
             key = list(key)
-            hit = next((i for i in range(len(ids) - len(key) + 1) if key and ids[i : i + len(key)] == key), -1)
+            words = ids[: ids.index(self.eos_token_id)] if self.eos_token_id in ids else ids
+            hit = next((i for i in range(len(words) - len(key) + 1) if key and words[i : i + len(key)] == key), -1)
             found.append(hit)
         return torch.tensor(found, dtype=torch.long)
 

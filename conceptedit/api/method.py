@@ -58,7 +58,11 @@ class EditMethod(Generic[P]):
         kind: ``closed_form``, ``training`` or ``inference_time`` (acts while sampling, through
             :meth:`inference_guard`; changes no weights).
         paper: Citation or URL of the method's paper, if any.
-        backbones: Backbone families it supports (``sd1``, ``sd2``, ...).
+        backbones: Backbone families it supports (``sd1``, ``sd2``, ...); a recipe running it on
+            another family is refused before anything runs (``validate`` for built-in models,
+            ``apply`` once the model is loaded).
+        unsupported_backbones: For families it does not support, the reason (shown when refused
+            and by ``conceptedit methods``).
         Params: Its pydantic parameters (subclass of :class:`MethodParams`).
         Training: For training methods, its :class:`TrainingConfig` subclass with its defaults.
     """
@@ -68,11 +72,21 @@ class EditMethod(Generic[P]):
     kind: ClassVar[MethodKind]
     paper: ClassVar[str | None] = None
     backbones: ClassVar[frozenset[str]] = frozenset({"sd1", "sd2"})
+    unsupported_backbones: ClassVar[Mapping[str, str]] = {}
     Params: ClassVar[type[MethodParams]] = MethodParams
     Training: ClassVar[type[TrainingConfig]] = TrainingConfig
 
     def __init__(self, params: P) -> None:
         self.params: P = params
+
+    @classmethod
+    def backbone_problem(cls, family: str) -> str | None:
+        """Why this method cannot run on a ``family`` model, or None when it supports it."""
+        if family in cls.backbones:
+            return None
+        reason = cls.unsupported_backbones.get(family)
+        message = f"method {cls.name!r} supports {', '.join(sorted(cls.backbones))}, but the model is {family}"
+        return f"{message}: {reason}" if reason else message
 
     # -- hook point: prompt encoding --------------------------------------------------
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from conceptedit.api.adversary import Objective
 from conceptedit.api.backbone import BackboneAdapter
+from conceptedit.models.prediction import training_target
 
 
 def denoising_objective(
@@ -19,8 +20,10 @@ def denoising_objective(
     """The diffusion loss of images of the concept under the attacked prompt (UnlearnDiffAtk, textual
     inversion, CCE): each call draws one of ``clean``'s latents ``[N, C, H, W]``, a timestep and a
     noise from ``generator``, noises the latent as ``√ᾱ_t x₀ + √(1−ᾱ_t) ε`` (``alphas`` = ᾱ) and
-    returns ``‖ε_θ(x_t, t, hidden) − ε‖²`` (mean). Lower when the prompt makes the model draw them."""
+    returns ``‖ε_θ(x_t, t, hidden) − ε‖²`` (mean), in the model's prediction type (``‖v_θ − v‖²``
+    for a v-prediction model). Lower when the prompt makes the model draw them."""
     steps = alphas.shape[0]
+    prediction = adapter.prediction_type
 
     def objective(hidden: Tensor) -> Tensor:
         pick = int(torch.randint(0, clean.shape[0], (1,), generator=generator)) if clean.shape[0] > 1 else 0
@@ -30,7 +33,8 @@ def denoising_objective(
         a = alphas[t].to(x0.device).reshape(1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         predicted = adapter.predict_noise(noisy, t.to(x0.device), hidden)
-        return torch.nn.functional.mse_loss(predicted.float(), noise)
+        target = training_target(alphas, x0, noise, t, prediction=prediction)
+        return torch.nn.functional.mse_loss(predicted.float(), target)
 
     return objective
 

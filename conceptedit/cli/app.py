@@ -143,6 +143,8 @@ def methods(
         if info["paper"]:
             out.print(f"paper: {_escape(str(info['paper']))}")
         out.print(f"plugin: {info['plugin']}")
+        for family, reason in cast(dict[str, str], info["unsupported_backbones"]).items():
+            out.print(f"not on {family}: {_escape(reason)}")
         sections = [("params", cast(list[dict[str, Any]], info["params"]))]
         if "training" in info:
             sections.append(("training", cast(list[dict[str, Any]], info["training"])))

@@ -35,12 +35,9 @@ def run_edits(run: RunContext, *, resume: bool = False) -> list[EditOutcome]:
 def check_backbones(recipe: RecipeBase, adapter: BackboneAdapter) -> None:
     """Refuse, before any edit runs, a method that does not support the pipeline's backbone."""
     for index, spec in recipe.flat_edits():
-        cls = spec.method_cls
-        if adapter.family not in cls.backbones:
-            raise BackboneError(
-                f"edits.{index}: method {cls.name!r} supports {', '.join(sorted(cls.backbones))}, "
-                f"but the model is {adapter.family}"
-            )
+        problem = spec.method_cls.backbone_problem(adapter.family)
+        if problem is not None:
+            raise BackboneError(f"edits.{index}: {problem}")
 
 
 def _run_item(run: RunContext, index: int, item: Any, resume: bool) -> EditOutcome:

@@ -16,6 +16,13 @@ each other, so what both need lives here:
   plan of (trajectory, step) pairs from ``ctx.generator``, samples or reads the cached latents
   (:meth:`~NegativeGuidance.sample`) and computes the target (:meth:`~NegativeGuidance.target`);
 * :data:`ESD_PARAMETER_SETS`: ESD's names for the engine's parameter sets.
+
+**Prediction types.** ``ε`` here is whatever the UNet outputs: ε for SD-1.x, v for SD-2.x at 768 px.
+The target needs no conversion: at a fixed ``x_t`` an output is an affine function of the noise
+it implies, ``v = ε/α_t − (σ_t/α_t) x_t``, and the target's weights on the outputs,
+``(1 + η)`` on ∅ and ``−η`` on ``c``, sum to one, so the v-target is exactly the v of the ε-target
+and ``‖v_θ − v*‖² = ‖ε_θ − ε*‖² / ᾱ_t`` (the same minimiser, a per-timestep loss weight). The
+latents come from DDIM, which reads the prediction type from the pipeline's scheduler config.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ the requested pairs, so a second run with the same recipe and seed samples nothi
 sample with the model being trained (ESD's paper setting) call :func:`partial_ddim` directly.
 :class:`PlannedLatents` pairs a training plan (:mod:`conceptedit.engine.schedules`) with the
 latents it reads.
+
+The sampler's DDIM is built from the pipeline's scheduler config, ``prediction_type`` included, so
+``scheduler.step`` reads the model's output as ε or as v (SD-2.x 768) as the model was trained;
+classifier-free guidance combines outputs with weights summing to one, valid in either.
 """
 
 from __future__ import annotations
@@ -174,8 +178,8 @@ def ddim_walk(
         if k == last:
             return
         t = timesteps[k]
-        eps = _guided_noise(ctx, latents, t, cond, empty, guidance)
-        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+        output = _guided_noise(ctx, latents, t, cond, empty, guidance)  # ε or v: the scheduler knows which
+        latents = scheduler.step(output, t, latents, eta=0.0).prev_sample
 
 
 def partial_ddim(

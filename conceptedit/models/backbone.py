@@ -1,4 +1,19 @@
-"""The Stable Diffusion 1.x/2.x backbone adapter, and choosing the adapter for a pipeline."""
+"""The Stable Diffusion 1.x/2.x backbone adapter, and choosing the adapter for a pipeline.
+
+SD-1.x and SD-2.x share the pipeline layout; they differ in the text encoder (OpenAI CLIP
+ViT-L/14 vs OpenCLIP ViT-H/14), its tokenizer's padding and, for SD-2.x at 768 px, the
+prediction type. Three rules follow (docs/backbones.md):
+
+* **family**: ``sd2`` when the text encoder is OpenCLIP's, i.e. its ``hidden_act`` is ``gelu``
+  (OpenAI CLIP, hence every SD-1.x, uses ``quick_gelu``), or the UNet reads 1024-wide text
+  (SD-2.x's width); ``sd1`` otherwise (:func:`sd_family`). The tokenizer's pad id is not used:
+  it is a tokenizer setting a user can swap, not the architecture.
+* **token positions** come from the end-of-text id, never the pad id: SD-2.x's tokenizer pads
+  with ``!`` (id 0), an ordinary token that may also stand in a prompt ("a cat!"). The first
+  [EoT] is the first position holding ``eos_token_id``; the real tokens are those up to it.
+* **prediction type**: the scheduler's (:attr:`StableDiffusionAdapter.prediction_type`);
+  :mod:`conceptedit.models.prediction` turns it into loss targets.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +23,26 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer
+from conceptedit.api.backbone import BackboneAdapter, CrossAttentionLayer, PredictionType
 from conceptedit.api.edits import PromptEncoding
 from conceptedit.errors import BackboneError, EditError
+from conceptedit.models.prediction import prediction_type
 from conceptedit.models.tokenizer import clean_prompt, tokenize
+
+#: The text width of SD-2.x (OpenCLIP ViT-H/14); SD-1.x's is 768.
+SD2_TEXT_WIDTH = 1024
+
+
+def sd_family(pipeline: Any) -> str:
+    """``sd2`` for an OpenCLIP text encoder (``hidden_act: gelu``) or 1024-wide cross-attention, else ``sd1``."""
+    activation = getattr(getattr(pipeline.text_encoder, "config", None), "hidden_act", None)
+    width = getattr(pipeline.unet.config, "cross_attention_dim", None)
+    return "sd2" if activation == "gelu" or width == SD2_TEXT_WIDTH else "sd1"
 
 
 class StableDiffusionAdapter(BackboneAdapter):
-    """Stable Diffusion 1.x and 2.x (``StableDiffusionPipeline`` layout: CLIP text encoder + UNet)."""
+    """Stable Diffusion 1.x and 2.x (``StableDiffusionPipeline`` layout: CLIP text encoder + UNet);
+    :attr:`family` is ``sd1`` or ``sd2`` by :func:`sd_family`."""
 
     family = "sd1"
     description = "Stable Diffusion 1.x / 2.x: one CLIP text encoder, UNet2DConditionModel, AutoencoderKL"
@@ -29,8 +56,7 @@ class StableDiffusionAdapter(BackboneAdapter):
 
     def __init__(self, pipeline: Any) -> None:
         super().__init__(pipeline)
-        # SD-2.x conditions on 1024-wide OpenCLIP embeddings; SD-1.x (and our tiny models) do not.
-        self.family = "sd2" if pipeline.unet.config.cross_attention_dim == 1024 else "sd1"
+        self.family = sd_family(pipeline)
 
     @property
     def text_encoder(self) -> Any:  # a transformers CLIPTextModel: typed loosely, its library is not checked
@@ -51,6 +77,10 @@ class StableDiffusionAdapter(BackboneAdapter):
     @property
     def scheduler(self) -> Any:
         return self.pipeline.scheduler
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        return prediction_type(self.scheduler.config)
 
     def components(self) -> dict[str, nn.Module]:
         return {"unet": self.unet, "text_encoder": self.text_encoder}
@@ -103,20 +133,18 @@ class StableDiffusionAdapter(BackboneAdapter):
         encoder = self.text_encoder
         device = next(encoder.parameters()).device
         ids = self.tokenize(prompts, length)
+        eos = int(self.tokenizer.eos_token_id)
+        eot = first_eot_index(ids, eos)
         use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+        # The real tokens are those up to the first [EoT] (by the end-of-text id: SD-2.x pads with
+        # "!", id 0, which may also stand in the prompt), as the tokenizer's own attention mask says.
+        real = (torch.arange(ids.shape[1])[None, :] <= eot[:, None]).long()
         chunks = []
         for start in range(0, len(prompts), batch_size):
             batch = ids[start : start + batch_size].to(device)
-            mask = (batch != self.tokenizer.pad_token_id).long() if use_mask else None
+            mask = real[start : start + batch_size].to(device) if use_mask else None
             chunks.append(encoder(batch, attention_mask=mask)[0].float())
-        eos = int(self.tokenizer.eos_token_id)
-        return PromptEncoding(
-            prompts=prompts,
-            input_ids=ids,
-            hidden=torch.cat(chunks),
-            eot_index=first_eot_index(ids, eos),
-            eos_token_id=eos,
-        )
+        return PromptEncoding(prompts=prompts, input_ids=ids, hidden=torch.cat(chunks), eot_index=eot, eos_token_id=eos)
 
     def predict_noise(
         self, latents: Tensor, timesteps: Tensor, hidden: Tensor, unet: nn.Module | None = None
@@ -146,7 +174,8 @@ def resolve_backbone(pipeline: Any, adapters: Sequence[type[BackboneAdapter]]) -
 
 
 def first_eot_index(input_ids: Tensor, eos_token_id: int) -> Tensor:
-    """The first position holding ``eos_token_id`` in each row; the last position if none."""
+    """The first position holding ``eos_token_id`` in each row; the last position if none. Never the
+    pad id: SD-2.x pads with ``!`` (id 0), which may stand among the words too."""
     is_eos = input_ids == eos_token_id
     first = is_eos.int().argmax(dim=1)
     missing = ~is_eos.any(dim=1)

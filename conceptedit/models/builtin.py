@@ -1,9 +1,12 @@
-"""Built-in base models that need no network: randomly initialised SD-1.x pipelines.
+"""Built-in base models that need no network: randomly initialised SD-1.x and SD-2.x pipelines.
 
 No SD weights can be had offline, so tests and dry runs use pipelines with SD-1.x's exact
 structure (cross-attention ``to_k``/``to_v`` without bias, the real CLIP tokenizer, SD's DDIM
 schedule) and seeded random weights. ``tiny-sd`` is small enough to build and sample in well under
 a second on a CPU; ``sd14-random`` has SD-1.4's exact sizes, for memory and speed checks.
+``tiny-sd2`` is SD-2.x (768-v) at toy size: an OpenCLIP-style text encoder (``gelu``, tokenizer
+padding with ``!``), per-block head counts and linear projections in the UNet, and a
+``v_prediction`` schedule.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from conceptedit.models.tokenizer import load_clip_tokenizer
+from conceptedit.models.tokenizer import load_clip_tokenizer, load_openclip_tokenizer
 
 if TYPE_CHECKING:  # diffusers/transformers load on first build: ``import conceptedit`` must stay cheap
     from diffusers import StableDiffusionPipeline
@@ -43,6 +46,11 @@ def sd_scheduler_config() -> dict[str, Any]:
     }
 
 
+def sd2_scheduler_config() -> dict[str, Any]:
+    """SD-2.x 768-v's DDIM schedule (``stabilityai/stable-diffusion-2-1``): SD-1.x's betas, v-prediction."""
+    return sd_scheduler_config() | {"prediction_type": "v_prediction"}
+
+
 def _text_config(hidden: int, intermediate: int, layers: int, heads: int) -> dict[str, Any]:
     return {
         "vocab_size": CLIP_VOCAB_SIZE,
@@ -58,6 +66,12 @@ def _text_config(hidden: int, intermediate: int, layers: int, heads: int) -> dic
         "eos_token_id": CLIP_EOS_ID,
         "pad_token_id": CLIP_EOS_ID,
     }
+
+
+def _openclip_text_config(hidden: int, intermediate: int, layers: int, heads: int) -> dict[str, Any]:
+    """SD-2.x's text tower (OpenCLIP ViT-H/14 in transformers' CLIPTextModel): ``gelu`` instead of
+    ``quick_gelu``, and the tokenizer pads with ``!`` (id 0), recorded as the pad id."""
+    return _text_config(hidden, intermediate, layers, heads) | {"hidden_act": "gelu", "pad_token_id": 0}
 
 
 def _unet_config(
@@ -109,6 +123,22 @@ def tiny_sd_configs() -> ComponentConfigs:
     }
 
 
+def tiny_sd2_configs() -> ComponentConfigs:
+    """SD-2.x (768-v) structure at toy width: 64 px images, 8x8x4 latents, 64-wide OpenCLIP-style text.
+
+    As in SD-2.x's UNet, the head count is set per block (diffusers' legacy ``attention_head_dim``,
+    ``[5, 10, 20, 20]`` there: 64 channels a head), transformer blocks project in and out with linear
+    layers, attention is upcast, and cross-attention reads the text encoder's full width.
+    """
+    unet = _unet_config(sample_size=8, channels=(32, 64), layers_per_block=1, cross_attention_dim=64)
+    unet |= {"attention_head_dim": (2, 4), "use_linear_projection": True, "upcast_attention": True}
+    return {
+        "unet": unet,
+        "text_encoder": _openclip_text_config(hidden=64, intermediate=256, layers=2, heads=4),
+        "vae": _vae_config(sample_size=64, channels=(32, 32, 64, 64), layers_per_block=1),
+    }
+
+
 def sd14_configs() -> ComponentConfigs:
     """SD-1.4's exact component configs (UNet, CLIP ViT-L/14 text tower, KL-f8 VAE)."""
     return {
@@ -156,17 +186,18 @@ def sd14_random_components(device: torch.device | str = "cpu", seed: int = 0) ->
 
 
 def assemble_pipeline(
-    components: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float32
+    components: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float32, *, sd2: bool = False
 ) -> StableDiffusionPipeline:
-    """An SD pipeline around ``components`` with the real tokenizer, SD's DDIM and no safety checker."""
+    """An SD pipeline around ``components`` with the real tokenizer, SD's DDIM and no safety checker
+    (``sd2``: SD-2.x's tokenizer, padding with ``!``, and its v-prediction schedule)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
         vae=components["vae"],
         text_encoder=components["text_encoder"],
-        tokenizer=load_clip_tokenizer(),
+        tokenizer=load_openclip_tokenizer() if sd2 else load_clip_tokenizer(),
         unet=components["unet"],
-        scheduler=DDIMScheduler(**sd_scheduler_config()),
+        scheduler=DDIMScheduler(**(sd2_scheduler_config() if sd2 else sd_scheduler_config())),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -177,6 +208,11 @@ def assemble_pipeline(
 def build_tiny_sd(seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """A tiny SD-1.x pipeline for tests: builds and samples 64 px images in well under a second."""
     return assemble_pipeline(build_components(tiny_sd_configs(), seed), dtype)
+
+
+def build_tiny_sd2(seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """A tiny SD-2.x (768-v) pipeline for tests: OpenCLIP-style text encoder, ``!`` padding, v-prediction."""
+    return assemble_pipeline(build_components(tiny_sd2_configs(), seed), dtype, sd2=True)
 
 
 def build_sd14_random(
@@ -194,17 +230,26 @@ def _load_shapes() -> StableDiffusionPipeline:
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model reachable as ``builtin:NAME``."""
+    """A model reachable as ``builtin:NAME``; ``family`` is the backbone family its adapter detects
+    (known without building it, so ``validate`` can refuse a method that does not support it)."""
 
     name: str
     description: str
     build: Callable[..., StableDiffusionPipeline]
+    family: str = "sd1"
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     model.name: model
     for model in (
         BuiltinModel("tiny-sd", "tiny random SD-1.x (64 px, 3.4M parameters) for tests and dry runs", build_tiny_sd),
+        BuiltinModel(
+            "tiny-sd2",
+            "tiny random SD-2.x (768-v layout at 64 px, 5.1M parameters: OpenCLIP-style text encoder, "
+            "'!' padding, v-prediction) for tests",
+            build_tiny_sd2,
+            family="sd2",
+        ),
         BuiltinModel(
             "sd14-random", "SD-1.4's exact architecture (1.07B parameters) with random weights", build_sd14_random
         ),

@@ -80,6 +80,15 @@ def load_model(
     return loaded
 
 
+def builtin_family(model_id: str) -> str | None:
+    """The backbone family of a ``builtin:NAME`` model without building it; None for any other id
+    (its family is known once loaded)."""
+    if not model_id.startswith(BUILTIN_PREFIX):
+        return None
+    entry = BUILTIN_MODELS.get(model_id[len(BUILTIN_PREFIX) :])
+    return entry.family if entry is not None else None
+
+
 def model_id_problem(model_id: str) -> tuple[str, str] | None:
     """``(message, fix)`` for a model id that cannot load, found without loading anything; None
     if it may load. The recipe loader reports it at ``model.id``; :func:`load_model` decides the same way."""

@@ -1,4 +1,5 @@
-"""The SD-1.x CLIP tokenizer, shipped as package data, and the prompt cleaning pinned to it.
+"""The SD-1.x CLIP tokenizer (and SD-2.x's, the same files padding with ``!``), shipped as package
+data, and the prompt cleaning pinned to it.
 
 The files under ``assets/clip_tokenizer/`` are byte-identical to ``openai/clip-vit-large-patch14``'s
 ``vocab.json``/``merges.txt`` (built by ``scripts/build_clip_tokenizer.py``), so no model hub is needed.
@@ -34,6 +35,19 @@ def load_clip_tokenizer() -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), local_files_only=True)
+
+
+#: SD-2.x's tokenizer pads with this token (id 0 of the CLIP vocabulary), not with [EoT].
+OPENCLIP_PAD_TOKEN = "!"
+
+
+def load_openclip_tokenizer() -> CLIPTokenizer:
+    """SD-2.x's tokenizer from the same package data: OpenCLIP ViT-H/14 uses CLIP's vocabulary and
+    merges, and ``stabilityai/stable-diffusion-2*`` ship them with ``pad_token: "!"`` (id 0), so
+    padding is ``!`` rather than [EoT]. Never touches the network."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), local_files_only=True, pad_token=OPENCLIP_PAD_TOKEN)
 
 
 def clean_prompt(text: str) -> str:

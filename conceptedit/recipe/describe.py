@@ -46,6 +46,7 @@ def describe_method(cls: type[EditMethod[Any]]) -> dict[str, object]:
         "kind": cls.kind,
         "paper": cls.paper,
         "backbones": sorted(cls.backbones),
+        "unsupported_backbones": dict(cls.unsupported_backbones),
         "params": describe_model(cls.Params),
     }
     if cls.kind == "training":

@@ -22,7 +22,7 @@ from conceptedit.api.edits import PromptPair
 from conceptedit.api.paths import path_text_problem, shown
 from conceptedit.api.recipe import ConceptRefMarker, GroupBase, RecipeBase
 from conceptedit.errors import PluginError, RecipeError, RecipeIssue, did_you_mean
-from conceptedit.models.loading import model_id_problem
+from conceptedit.models.loading import builtin_family, model_id_problem
 from conceptedit.plugins import PluginHost, get_host
 from conceptedit.recipe.concepts import ConceptFileError, GenerateError, expand_concepts, generate_concepts
 from conceptedit.recipe.schema import RecipeSchema
@@ -664,6 +664,7 @@ def _cross_checks(recipe: RecipeBase, schema: RecipeSchema, host: PluginHost, li
         else:
             issues.extend(_check_refs(item, f"edits.{i}", known_sets, lines))
     issues.extend(_check_suites(recipe, host, lines))
+    issues.extend(_check_backbones(recipe, lines))
     exporters = host.registry.exporters
     for k, fmt in enumerate(recipe.output.formats):
         if fmt not in exporters:
@@ -676,6 +677,24 @@ def _cross_checks(recipe: RecipeBase, schema: RecipeSchema, host: PluginHost, li
                 )
             )
     issues.extend(_check_export_options(recipe, exporters, lines))
+    return issues
+
+
+def _check_backbones(recipe: RecipeBase, lines: _LineIndex) -> list[RecipeIssue]:
+    """A method that does not support a built-in model's backbone family, with the method's reason
+    (other models' families are known once loaded: ``apply`` refuses then, before any edit runs)."""
+    family = builtin_family(recipe.model.id)
+    if family is None:
+        return []
+    issues = []
+    for i, item in enumerate(recipe.edits):
+        members = item.edits if isinstance(item, GroupBase) else [item]
+        for j, member in enumerate(members):
+            problem = member.method_cls.backbone_problem(family)
+            if problem is not None:
+                path = f"edits.{i}.edits.{j}.method" if isinstance(item, GroupBase) else f"edits.{i}.method"
+                fix = f"use a model of a family it supports, or another method on {recipe.model.id}"
+                issues.append(RecipeIssue(path, problem, lines.line(path), fix))
     return issues
 
 

@@ -10,6 +10,9 @@ concept prompt ("a photo of Grumpy Cat"), what a reference predicts for the anch
     L      = ‖ε_θ(x_t, t, c_concept) − ε‖²                                      (loss: noise)
     L_prior = w ‖ε_θ(x_t, t, c_anchor) − ε‖²                     (optional prior preservation)
 
+On a v-prediction model (SD-2.x 768) every ε above is the model's output and the true noise ``ε``
+becomes ``v = √ᾱ_t ε − √(1−ᾱ_t) x₀`` (``training_target``); the model-reference goal needs no change.
+
 The anchor latents are generated once (deterministic DDIM from seeded noise) and cached like
 every other trajectory. The reference defaults to the frozen original (a fixed goal); the
 paper's code uses the current model under stop-gradient (``reference: current``).
@@ -60,6 +63,7 @@ from conceptedit.toolkit import (
     sample_planned,
     seeded_noise,
     select_parameter_set,
+    training_target,
     uniform_timesteps,
 )
 
@@ -379,11 +383,13 @@ class ConceptAblation(EditMethod[CaParams]):
         config.lr = config.lr * factor
 
     def noisy_batch(self, ctx: EditContext, draw: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-        """Noised anchor latents of one draw: ``x_t``, ``t``, the noise ``ε`` and each latent's prompt index."""
+        """Noised anchor latents of one draw: ``x_t``, ``t``, the true target (the noise ``ε``, or
+        ``v = α_t ε − σ_t x₀`` for a v-prediction model) and each latent's prompt index."""
         x0, _, runs = self.anchors.take(draw, ctx.device)
         t = uniform_timesteps(ctx.generator, x0.shape[0], len(self._alphas)).to(ctx.device)
         noise = torch.randn(x0.shape, generator=ctx.generator).to(ctx.device)
-        return add_noise(self._alphas, x0, noise, t), t, noise, [j % self.prompts for j in runs]
+        truth = training_target(self._alphas, x0, noise, t, prediction=ctx.adapter.prediction_type)
+        return add_noise(self._alphas, x0, noise, t), t, truth, [j % self.prompts for j in runs]
 
     def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
         p = self.params
@@ -391,14 +397,14 @@ class ConceptAblation(EditMethod[CaParams]):
             config, lr = self._lr_restore
             config.lr, self._lr_restore = lr, None
         draw = self._draw(step)
-        x, t, noise, which = self.noisy_batch(ctx, draw)
+        x, t, truth, which = self.noisy_batch(ctx, draw)
         if self._slots is None:
             concept, anchor = self.concept[which], self.anchor[which]
         else:
             concept = self._pool[self._slots[0][draw]].to(ctx.device)
             anchor = self._pool[self._slots[1][draw]].to(ctx.device)
         if p.loss == "noise":
-            goal = noise
+            goal = truth
         else:
             with torch.no_grad():
                 if p.reference == "current":
@@ -409,7 +415,7 @@ class ConceptAblation(EditMethod[CaParams]):
         if p.prior_weight > 0:
             both = ctx.predict_noise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([concept, anchor])).float()
             pred, kept = both.chunk(2)
-            return {"ablate": F.mse_loss(pred, goal), "prior": p.prior_weight * F.mse_loss(kept, noise)}
+            return {"ablate": F.mse_loss(pred, goal), "prior": p.prior_weight * F.mse_loss(kept, truth)}
         pred = ctx.predict_noise(x, t, concept).float()
         return {"ablate": F.mse_loss(pred, goal)}
 

@@ -16,7 +16,9 @@ step (the engine's ``NegativeGuidance``: the same latents, timestep pairing and 
 The attack looks near ``c`` for the embedding with which the model being trained, as it is at
 this step, predicts the trajectory's starting noise best (the embedding that still leads back to
 the concept); the step then applies ESD's target to that embedding, so the erasure holds in an
-ε-neighbourhood of the concept's embedding and not only at the embedding itself. The attack is
+ε-neighbourhood of the concept's embedding and not only at the embedding itself. On a
+v-prediction model (SD-2.x 768) ``x_T`` is compared in the model's terms, as the output that
+predicts it at ``x_t`` (``output_from_noise``: ``(x_T − σ_t x_t)/α_t``); the target needs no change. The attack is
 the ``embedding_pgd`` adversary (:class:`~conceptedit.toolkit.EmbeddingPGD`): random start in
 the ball, ``attack_steps`` sign steps of ``attack_step_size`` (ε/4), each projected back into the
 ball and clamped to [min, max] of ``c``'s values, as the reference's ``pgd_attack``.
@@ -59,6 +61,8 @@ from conceptedit.toolkit import (
     EsdSample,
     EsdUnetParams,
     NegativeGuidance,
+    alphas_cumprod,
+    output_from_noise,
     select_parameter_set,
 )
 
@@ -122,6 +126,7 @@ class Race(EditMethod[RaceParams]):
     def prepare_training(self, ctx: EditContext) -> None:
         p = self.params
         self.guidance = NegativeGuidance(ctx, p, purpose="race")
+        self.alphas = alphas_cumprod(ctx.pipeline.scheduler.config)
         adversary = ctx.adversary("embedding_pgd", radius=p.epsilon, steps=p.attack_steps, step_size=p.attack_step_size)
         if not isinstance(adversary, EmbeddingPGD):
             raise EditError(
@@ -136,7 +141,8 @@ class Race(EditMethod[RaceParams]):
 
     def attack(self, ctx: EditContext, s: EsdSample, draw: int) -> AdversarialPrompt:
         """The concept embedding within ε that makes the current model predict ``x_T`` best at ``(x_t, t)``."""
-        start = self.guidance.start_noise(ctx, s.seed)
+        noise = self.guidance.start_noise(ctx, s.seed)
+        start = output_from_noise(self.alphas, s.x, noise, s.t, prediction=ctx.adapter.prediction_type)
         distance = F.mse_loss if self.params.adv_loss == "l2" else F.l1_loss
 
         def objective(hidden: Tensor) -> Tensor:

@@ -22,6 +22,10 @@ retain set ``D_r`` of other images with their own prompts ``c_r``:
    and only the salient entries change: the engine zeroes the gradient outside ``m`` and keeps
    those entries bit for bit (:meth:`EditMethod.gradient_masks`), whatever the optimiser.
 
+On a v-prediction model (SD-2.x 768) ε_θ is the model's output and the true noise ``ε`` (mask and
+retain terms) becomes ``v = √ᾱ_t ε − √(1−ᾱ_t) x₀`` (``training_target``); the guided prediction
+and the pseudo-label goal are combinations of outputs and stay as they are.
+
 Reference: OPTML-Group/Unlearn-Saliency (MIT), ``SD/train-scripts/generate_mask.py`` (the mask)
 and ``nsfw_removal.py`` / ``random_label.py`` (the training). Its sets hold 800 generated images
 each for nudity; the defaults here are far smaller (see ``docs/methods/salun.md``).
@@ -47,6 +51,7 @@ from conceptedit.toolkit import (
     resolve_prompt_file,
     sample_planned,
     select_parameter_set,
+    training_target,
     uniform_timesteps,
 )
 
@@ -296,6 +301,7 @@ class Salun(EditMethod[SalunParams]):
                 t = uniform_timesteps(g, hi - lo, len(self._alphas)).to(ctx.device)
                 noise = torch.randn(x0.shape, generator=g).to(ctx.device)
                 x = add_noise(self._alphas, x0, noise, t)
+                truth = training_target(self._alphas, x0, noise, t, prediction=ctx.adapter.prediction_type)
                 cond = self.concept_hidden[self.forget_which[lo:hi]]
                 for a, b in batch_bounds(hi - lo, chunk):
                     n = b - a
@@ -304,7 +310,7 @@ class Salun(EditMethod[SalunParams]):
                     e_c, e_0 = both.chunk(2)
                     guided = (1 + w) * e_c - w * e_0
                     # The batch mean of the squared error, this chunk's share of it.
-                    loss = -((guided - noise[a:b]) ** 2).sum() / noise.numel()
+                    loss = -((guided - truth[a:b]) ** 2).sum() / noise.numel()
                     for total, grad in zip(totals, torch.autograd.grad(loss, params), strict=True):
                         total += grad.float()
                 bar.advance()
@@ -333,10 +339,11 @@ class Salun(EditMethod[SalunParams]):
         r_t = uniform_timesteps(ctx.generator, r_hi - r_lo, len(self._alphas)).to(ctx.device)
         r_noise = torch.randn(r0.shape, generator=ctx.generator).to(ctx.device)
         r_x = add_noise(self._alphas, r0, r_noise, r_t)
+        r_truth = training_target(self._alphas, r0, r_noise, r_t, prediction=ctx.adapter.prediction_type)
         hidden = torch.cat([self.concept_hidden[which], self.retain_hidden[self.retain_which[r_lo:r_hi]]])
         pred = ctx.predict_noise(torch.cat([x, r_x]), torch.cat([t, r_t]), hidden).float()
         forget, retain = pred[: hi - lo], pred[hi - lo :]
-        return {"forget": F.mse_loss(forget, goal), "retain": p.alpha * F.mse_loss(retain, r_noise)}
+        return {"forget": F.mse_loss(forget, goal), "retain": p.alpha * F.mse_loss(retain, r_truth)}
 
 
 @hookimpl

@@ -17,6 +17,10 @@ diffusers' ``StableDiffusionPipelineSafe`` does), the post-hook folds ``γ`` int
 branch, so the pipeline's own guidance step produces SLD's result. Off (the plain pipeline,
 bit for bit) when ``strength`` is 0, when ``guidance_scale`` ≤ 1 (as in diffusers), without
 classifier-free guidance, and outside the pipeline's denoising loop.
+
+On a v-prediction model (SD-2.x 768) the settings keep their ε meaning: each step's output
+differences are divided by ``k_t = 1/√ᾱ_t`` (``output_per_noise``) before the threshold and
+momentum, and ``γ`` is multiplied back, which is SLD run on the ε the outputs imply.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegative
 from torch import Tensor
 
 from conceptedit import EditContext, EditError, EditMethod, Guard, MethodParams, RunDirError, hookimpl
-from conceptedit.toolkit import denoising_state
+from conceptedit.toolkit import alphas_cumprod, denoising_state, output_per_noise
 
 if TYPE_CHECKING:
-    from conceptedit import BackboneAdapter
+    from conceptedit import BackboneAdapter, PredictionType
 
 _CATEGORIES = (
     "hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood, "
@@ -144,7 +148,7 @@ class SldParams(MethodParams):
 class _SafetyGuidance:
     """The UNet hooks of one installed SLD guard, and its per-image state (step, momentum)."""
 
-    def __init__(self, pipeline: Any, settings: SldSettings, embedding: Tensor) -> None:
+    def __init__(self, pipeline: Any, settings: SldSettings, embedding: Tensor, prediction: PredictionType) -> None:
         self.pipeline = pipeline
         self.settings = settings
         self.embedding = embedding  # [1, L, D]
@@ -153,6 +157,17 @@ class _SafetyGuidance:
         self.step = 0
         self.momentum: Tensor | None = None
         self.half: int | None = None
+        self.prediction = prediction
+        self.alphas = alphas_cumprod(pipeline.scheduler.config) if prediction != "epsilon" else None
+        self.per_noise: Tensor | None = None  # k_t of the step being guided (None: an ε model)
+
+    def _per_noise(self, timestep: Any) -> Tensor | None:
+        """The step's ``k_t`` (output per unit of ε at a fixed latent), so that SLD's thresholds and
+        momentum, set in ε units, read v-prediction outputs in ε; None for an ε model (nothing to convert)."""
+        if self.alphas is None or timestep is None:
+            return None
+        t = torch.as_tensor(timestep).reshape(-1)[:1].long().cpu()
+        return output_per_noise(self.alphas, t, prediction=self.prediction).reshape(())
 
     def _applies(self, sample: Tensor) -> bool:
         cfg = bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
@@ -185,6 +200,7 @@ class _SafetyGuidance:
         if isinstance(call.get("added_cond_kwargs"), dict):
             call["added_cond_kwargs"] = {k: _extend(v, n, half) for k, v in call["added_cond_kwargs"].items()}
         self.half = half
+        self.per_noise = self._per_noise(call.get("timestep"))
         return (), call
 
     def after(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
@@ -194,15 +210,17 @@ class _SafetyGuidance:
         s = self.settings
         noise = output[0] if isinstance(output, tuple) else output.sample
         uncond, text, safety = noise[:half], noise[half : 2 * half], noise[2 * half :]
-        diff = text - safety
+        k = None if self.per_noise is None else self.per_noise.to(noise.device, noise.dtype)
+        diff = text - safety if k is None else (text - safety) / k  # in ε units either way
         scale = torch.where(diff >= s.threshold, torch.zeros_like(diff), (diff.abs() * s.guidance_scale).clamp(max=1.0))
-        gamma = (safety - uncond) * scale
+        gamma = (safety - uncond) * scale if k is None else (safety - uncond) / k * scale
         if self.momentum is None:
             self.momentum = torch.zeros_like(gamma)
         gamma = gamma + s.momentum_scale * self.momentum
         self.momentum = s.momentum_beta * self.momentum + (1 - s.momentum_beta) * gamma
         if self.step >= s.warmup_steps:
-            text = text - s.strength * gamma  # the pipeline's CFG then gives ε_∅ + s_g (ε_p − ε_∅ − γ)
+            shift = gamma if k is None else gamma * k  # back to the output's units
+            text = text - s.strength * shift  # the pipeline's CFG then gives ε_∅ + s_g (ε_p − ε_∅ − γ)
         self.step += 1
         merged = torch.cat([uncond, text])
         if isinstance(output, tuple):
@@ -242,7 +260,7 @@ class Sld(EditMethod[SldParams]):
         if not settings.enabled:
             return  # no hooks at all: the pipeline samples exactly as before
         embedding = adapter.encode_prompts([settings.safety_concept]).hidden
-        hooks = _SafetyGuidance(pipeline, settings, embedding)
+        hooks = _SafetyGuidance(pipeline, settings, embedding, adapter.prediction_type)
         unet.register_forward_pre_hook(hooks.before, with_kwargs=True)
         unet.register_forward_hook(hooks.after, with_kwargs=True)
 

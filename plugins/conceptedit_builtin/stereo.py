@@ -29,6 +29,12 @@ the *original* model), and the engine's loop trains, on a stratified plan of era
 (:func:`~conceptedit.toolkit.compositional_guidance`), ``x_t`` again from a partial DDIM run on
 ``c_e`` with the model being trained, ``n`` over every erase concept.
 
+On a v-prediction model (SD-2.x 768) ε is the model's output, v. With ``apg_eta`` 1 and no norm
+threshold (the defaults) both targets weigh outputs at one ``x_t`` with weights summing to one, so
+they are exactly the v of the ε-space targets; the inversion's diffusion loss compares to the true
+v (``training_target``). Otherwise APG's projection and threshold act on v, as APG run on a
+v-model does.
+
 Why stage one runs inside ``prepare_training``: the engine owns one optimisation loop per edit,
 over one set of parameters, and REO is that loop. STE is a different optimisation (its own
 target, optimiser, learning rate and step count, interleaved with attacks) over the same tensors,

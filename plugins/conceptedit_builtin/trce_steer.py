@@ -13,6 +13,10 @@ trained is pushed toward the original model's *safe* guided prediction and away 
 Lean by construction: the original and stage-1 references are the one resident UNet with
 the few tensors they differ in swapped in (``ctx.reference_weights``), not extra copies.
 
+On a v-prediction model (SD-2.x 768) every ε above is the model's output, v: ``f_safe`` and
+``f_unsafe`` weigh outputs at the same ``x`` with weights summing to one, so they are the v of the
+ε-space targets, and each MSE is the ε-space one divided by ᾱ_t; the margin is in the output's units.
+
 Differences from the reference code, on purpose (docs/methods/trce.md):
 * gradients are zeroed every step; the reference never zeroes them, so each of its AdamW steps
   sees the sum of all earlier gradients (``training.zero_grad: false`` reproduces that, and it

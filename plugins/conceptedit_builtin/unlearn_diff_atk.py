@@ -3,7 +3,8 @@
 For each prompt whose plain image no longer shows the concept, the attack prepends ``tokens``
 adversarial tokens and optimises them so that the *edited* model, given the attacked prompt,
 denoises toward the *base* model's image of the same prompt and seed: the diffusion model's own
-loss ``‖ε_θ(√ᾱ_t x₀ + √(1-ᾱ_t) ε, t, prompt') - ε‖²`` with x₀ the base image's latent. No
+loss ``‖ε_θ(√ᾱ_t x₀ + √(1-ᾱ_t) ε, t, prompt') - ε‖²`` with x₀ the base image's latent (in the
+model's prediction type: ``‖v_θ − v‖²`` on a v-prediction model such as SD-2.x 768). No
 classifier is differentiated through; the judge only checks the results.
 
 Tokens stay discrete by projection: each adversarial position is a weight vector over the
@@ -54,6 +55,7 @@ from conceptedit.toolkit import (
     make_adversary,
     prompt_text,
     ring_a_bell_target,
+    training_target,
 )
 
 STRATEGIES = ("gradient", "random", "soft_prompt", "concept_inversion", "ring_a_bell")
@@ -158,7 +160,7 @@ class UnlearnDiffAtk(Evaluator):
         k = len(slots)
         eos = int(adapter.tokenizer.eos_token_id)
         table = adapter.token_embedding_table().detach()
-        alphas = alphas_cumprod(adapter.scheduler.config)
+        alphas, kind = alphas_cumprod(adapter.scheduler.config), adapter.prediction_type
         train_steps = int(adapter.scheduler.config.num_train_timesteps)
         clean = sample.base_latent.unsqueeze(0).to(table.device)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + sample.seed % 1_000_003)
@@ -182,7 +184,8 @@ class UnlearnDiffAtk(Evaluator):
             t = torch.randint(0, train_steps, (1,), generator=generator)
             noise = torch.randn(clean.shape, generator=generator).to(clean.device)
             noisy = add_noise(alphas, clean, noise, t)
-            loss = torch.nn.functional.mse_loss(adapter.predict_noise(noisy, t.to(clean.device), hidden).float(), noise)
+            predicted = adapter.predict_noise(noisy, t.to(clean.device), hidden).float()
+            loss = torch.nn.functional.mse_loss(predicted, training_target(alphas, clean, noise, t, prediction=kind))
             # Only the soft tokens get gradients: the model's own parameters are never touched.
             (weights.grad,) = torch.autograd.grad(loss, [weights])
             optimiser.step()
