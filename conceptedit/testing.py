@@ -19,7 +19,7 @@ import torch
 from conceptedit.engine.context import EditContext, RunContext
 from conceptedit.engine.ledger import WeightLedger
 from conceptedit.io.progress import Reporter
-from conceptedit.models.backbone import StableDiffusionAdapter
+from conceptedit.models.backbone import resolve_backbone
 from conceptedit.plugins import PluginHost, get_host, new_host, set_host
 from conceptedit.recipe.loader import LoadedRecipe
 
@@ -55,9 +55,9 @@ def tiny_recipe(*edits: dict[str, Any], **fields: Any) -> dict[str, Any]:
 
 
 def edit_context(loaded: LoadedRecipe, pipeline: Any, run_dir: Path) -> EditContext:
-    """An edit context on ``pipeline`` (Stable Diffusion layout, CPU) for ``loaded``, outside any run;
-    its cache lives in ``run_dir / "cache"``."""
-    adapter = StableDiffusionAdapter(pipeline)
+    """An edit context on ``pipeline`` (CPU; its adapter the one the recipe's host resolves: SD-1.x/2.x,
+    SDXL...) for ``loaded``, outside any run; its cache lives in ``run_dir / "cache"``."""
+    adapter = resolve_backbone(pipeline, loaded.host.registry.backbones)
     run = RunContext(
         loaded=loaded,
         pipeline=pipeline,

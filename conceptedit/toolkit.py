@@ -21,8 +21,9 @@ else, so a third-party method has every tool a built-in has. Grouped by hook poi
   guidance and STEREO's compositional sum of it, for training targets (:func:`normalized_guidance`,
   :func:`normalized_update`, :func:`compositional_guidance`);
 * inference time: the denoising state a guard reads (:func:`denoising_state`);
-* outside a run: the Stable Diffusion adapter (:class:`StableDiffusionAdapter`), to encode prompts
-  or call the UNet of a pipeline directly (tests, evaluators);
+* outside a run: the Stable Diffusion adapters (:class:`StableDiffusionAdapter`, SDXL's
+  :class:`StableDiffusionXLAdapter`), to encode prompts or call the UNet of a pipeline directly
+  (tests, evaluators);
 * concept sources: today's (concept × template) expansion (:func:`template_pairs`) and the shapes
   world's caption grammar by parts (:func:`shapes_caption`, :class:`ShapesContext`,
   :func:`sample_shapes_context`, :func:`mentions_phrase`), with the phrasings a recipe may name
@@ -97,6 +98,7 @@ from conceptedit.evaluation.metrics import attack_metrics, change_metrics, fid_f
 from conceptedit.evaluation.stats import Rate, wilson_interval
 from conceptedit.models.backbone import StableDiffusionAdapter
 from conceptedit.models.prediction import output_from_noise, output_per_noise, prediction_type, training_target
+from conceptedit.models.sdxl import StableDiffusionXLAdapter
 from conceptedit.models.tokenizer import clean_prompt
 from conceptedit.recipe.concepts import template_pairs
 from conceptedit.shapes.contexts import CONTEXT_WORDS as SHAPES_CONTEXT_WORDS
@@ -151,6 +153,7 @@ __all__ = [
     "ShapesPrompt",
     "SoftPromptPGD",
     "StableDiffusionAdapter",
+    "StableDiffusionXLAdapter",
     "ThresholdRule",
     "add_noise",
     "adversarial_slots",

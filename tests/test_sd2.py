@@ -10,12 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-import numpy as np
 import pytest
 import torch
 from conceptedit_builtin.sld import SldSettings, _SafetyGuidance
 from conftest import REPO
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from method_recipes import METHODS, run_and_reload
 from torch import Tensor
 
 import conceptedit
@@ -284,152 +284,6 @@ def test_validate_refuses_a_method_that_does_not_support_sd2(tmp_path: Path) -> 
 
 # ----------------------------------------------------------------------------- every built-in method on SD-2.x
 
-ART = {"art": {"concepts": ["Van Gogh", "Picasso"], "target": "art", "templates": ["{}", "a painting by {}"]}}
-NSFW = {"nsfw": {"pairs": [["nudity", "a person wearing clothes"]], "templates": ["a photo of {}"]}}
-GRUMPY = {"cat": {"pairs": [["Grumpy Cat", "a cat"]], "templates": ["a photo of {}"]}}
-NUDE = {"nude": {"pairs": [["a nude person", "a person wearing clothes"]], "templates": ["a photo of {}"]}}
-TRAIN = {"steps": 2, "lr": 1e-3}
-
-METHODS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
-    "uce": ([{"method": "uce", "params": {"concepts": "art"}}], ART),
-    "rece": ([{"method": "rece", "params": {"concepts": "art", "rounds": 1}}], ART),
-    "speed": ([{"method": "speed", "params": {"concepts": "art", "retain": ["Monet", "a dog"]}}], ART),
-    "trce_eot": ([{"method": "trce_eot", "params": {"concepts": "nsfw", "prior": None, "ridge": 0.1}}], NSFW),
-    "trce_steer": (
-        [
-            {
-                "method": "trce_steer",
-                "params": {
-                    "concepts": "nsfw",
-                    "trajectories_per_concept": 1,
-                    "sampling_steps": 4,
-                    "unconditional_trajectories": 2,
-                    "regularization_batch": 1,
-                },
-                "training": TRAIN,
-            }
-        ],
-        NSFW,
-    ),
-    "esd": (
-        [
-            {
-                "method": "esd",
-                "params": {"concept": "nudity", "parameters": "x-strict", "sampling_steps": 4},
-                "training": TRAIN,
-            }
-        ],
-        {},
-    ),
-    "race": (
-        [
-            {
-                "method": "race",
-                "params": {"concept": "nudity", "parameters": "x", "sampling_steps": 4, "attack_steps": 2},
-                "training": TRAIN,
-            }
-        ],
-        {},
-    ),
-    "receler": (
-        [
-            {
-                "method": "receler",
-                "params": {
-                    "concept": "a red circle",
-                    "rank": 4,
-                    "sampling_steps": 4,
-                    "attack_tokens": 1,
-                    "attack_steps": 1,
-                },
-                "training": TRAIN,
-            }
-        ],
-        {},
-    ),
-    "advunlearn": (
-        [
-            {
-                "method": "advunlearn",
-                "params": {"concept": "a red circle", "sampling_steps": 4, "retain_batch": 1, "warmup_steps": 1},
-                "training": TRAIN,
-            }
-        ],
-        {},
-    ),
-    "stereo": (
-        [
-            {
-                "method": "stereo",
-                "params": {
-                    "concept": "red",
-                    "parameters": "x-strict",
-                    "sampling_steps": 4,
-                    "ste_steps": 1,
-                    "inversion_steps": 1,
-                    "gallery_size": 1,
-                    "iterations": 1,
-                },
-                "training": TRAIN,
-            }
-        ],
-        {},
-    ),
-    "ca": (
-        [
-            {
-                "method": "ca",
-                "params": {
-                    "concepts": "cat",
-                    "anchor_samples": 2,
-                    "generation_steps": 3,
-                    "batch_size": 1,
-                    "loss": "noise",
-                    "prior_weight": 0.5,
-                },
-                "training": TRAIN,
-            }
-        ],
-        GRUMPY,
-    ),
-    "salun": (
-        [
-            {
-                "method": "salun",
-                "params": {
-                    "concepts": "nude",
-                    "forget_samples": 2,
-                    "retain_samples": 2,
-                    "batch_size": 1,
-                    "generation_steps": 3,
-                    "alpha": 0.5,
-                    "parameters": "xattn",
-                },
-                "training": TRAIN,
-            }
-        ],
-        NUDE,
-    ),
-    "sld": ([{"method": "sld", "params": {"safety_concept": "violence", "preset": "max"}}], {}),
-    "adavd": ([{"method": "adavd", "params": {"erase": ["cat"]}}], {}),
-}
-
-
-def _declared(spec: Any, adapter: StableDiffusionAdapter) -> set[str]:
-    """The base tensors a method says it may change: its trainable set, or the K/V projections it solves."""
-    method = spec.build()
-    if method.kind == "training":
-        return set(method.trainable_parameters(SimpleNamespace(adapter=adapter)))
-    if method.kind == "closed_form":
-        return {layer.parameter_name(w) for layer in adapter.cross_attention_layers() for w in ("k", "v")}
-    return set()
-
-
-def _images(pipe: Any) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipe("a cat in a garden", num_inference_steps=2, generator=generator, output_type="np").images
-
 
 def test_every_builtin_method_declares_sd2(builtin_host: Any) -> None:
     assert set(builtin_host.registry.methods) == set(METHODS)
@@ -438,26 +292,9 @@ def test_every_builtin_method_declares_sd2(builtin_host: Any) -> None:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_runs_on_tiny_sd2_reloads_and_exports(name: str, tmp_path: Path) -> None:
-    edits, concepts = METHODS[name]
-    recipe = tiny_recipe(*edits, model="builtin:tiny-sd2", concepts=concepts)
-    run = tmp_path / "run"
-    result = conceptedit.apply(recipe, out=run, quiet=True)
-    base = build_tiny_sd2()
-    adapter = StableDiffusionAdapter(base)
-    assert adapter.family == "sd2"
-    spec = conceptedit.load_recipe(recipe).recipe.flat_edits()[0][1]
-    declared = _declared(spec, adapter)
-    changed = set(result.changed)
-    assert changed <= declared, sorted(changed - declared)[:3]
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert bool(changed) or manifest.get("guards"), "the edit left nothing behind"
-    edited = StableDiffusionAdapter(result.pipeline)
-    for full, param in adapter.named_parameters():  # only what it changed moved
-        assert torch.equal(edited.get_parameter(full), param) != (full in changed), full
-    reloaded = conceptedit.load(build_tiny_sd2(), run)
-    for full, param in StableDiffusionAdapter(reloaded).named_parameters():
-        assert torch.equal(param, edited.get_parameter(full)), full
-    assert np.array_equal(_images(reloaded), _images(result.pipeline))
+    checked = run_and_reload(name, "builtin:tiny-sd2", build_tiny_sd2, StableDiffusionAdapter, tmp_path)
+    assert StableDiffusionAdapter(checked.base).family == "sd2"
+    run, changed, edited = checked.run, checked.changed, checked.edited
     if not changed:
         return  # a guard only: nothing for the diffusers format to hold but its hooks
     exported = conceptedit.export(run, "diffusers", out=tmp_path / "export", check_prompts=["a cat"])

@@ -133,7 +133,11 @@ class BackboneAdapter:
         self, latents: Tensor, timesteps: Tensor, hidden: Tensor, unet: nn.Module | None = None
     ) -> Tensor:
         """The denoiser's output for ``latents`` at ``timesteps`` given text embeddings, in its
-        :attr:`prediction_type` (ε for SD-1.x; v for SD-2.x at 768 px): the name is historical."""
+        :attr:`prediction_type` (ε for SD-1.x; v for SD-2.x at 768 px): the name is historical.
+
+        ``hidden`` holds rows of :meth:`encode_prompts` outputs (sliced, indexed, concatenated,
+        repeated, moved or cast as the caller likes); an adapter whose denoiser needs more
+        conditioning than the text rows (SDXL's pooled embedding and time ids) supplies it itself."""
         raise NotImplementedError
 
     @property
@@ -145,3 +149,17 @@ class BackboneAdapter:
     def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         """Shape of initial latents for images of ``height`` x ``width`` (default: native size)."""
         raise NotImplementedError
+
+    # sampling with the pipeline ---------------------------------------------------------
+
+    def pipeline_embeds(self, hidden: Tensor, negative: Tensor) -> dict[str, Tensor]:
+        """Keyword arguments handing prompt and negative-prompt embeddings (rows of
+        :meth:`encode_prompts` outputs) to the pipeline's ``__call__``. SD-1.x/2.x: the two
+        tensors; an adapter whose pipeline needs more (SDXL's pooled embeddings) adds it here."""
+        return {"prompt_embeds": hidden, "negative_prompt_embeds": negative}
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Images in ``[-1, 1]`` from final latents, decoded as the pipeline's own call decodes them."""
+        vae: Any = self.pipeline.vae
+        decoded: Tensor = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return decoded

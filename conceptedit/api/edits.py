@@ -34,7 +34,12 @@ class PromptEncoding:
         hidden: Text-encoder output (the embeddings cross-attention reads), ``[batch, length, dim]``.
         eot_index: Position of the first end token (the tokenizer's end-of-text id, whatever it
             pads with) in each prompt, ``[batch]``; the prompt's real tokens are ``0..eot_index``.
+            SDXL: the later of its two tokenizers' first [EoT] (they split ``!`` differently).
         eos_token_id: The tokenizer's end-of-text id.
+        pooled: The pooled text embedding, ``[batch, pooled_dim]``, for backbones whose denoiser
+            also reads one (SDXL: text encoder 2's projected [EoT] output); None for SD-1.x/2.x.
+            The adapter that encoded the prompts finds it again for any copy of these ``hidden``
+            rows handed to ``predict_noise`` (docs/backbones.md), so methods need not carry it.
 
     Rows: ``sot`` is position 0, ``eot`` the first [EoT], ``last_word`` the position before it
     (the start token for an empty prompt), ``last_pad`` the last position of the padded context
@@ -46,6 +51,7 @@ class PromptEncoding:
     hidden: Tensor
     eot_index: Tensor
     eos_token_id: int
+    pooled: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -143,9 +143,16 @@ class ParkedModules:
         if self._folder is None:
             return
         saved = load_file(str(self._folder / "weights.safetensors"))
+        # Copies, not the loaded tensors: safetensors' tensors sit at any byte offset, and CPU kernels
+        # on unaligned weights round differently in the last bit (measured on SDXL's text encoder 2),
+        # so the pipeline would no longer compute what the reloaded edit does. Each loaded tensor is
+        # dropped once copied (shared tensors are copied once), so the peak stays one tensor above.
+        copies: dict[str, torch.Tensor] = {}
         for sub, attr, key in self._slots.values():
             target = getattr(sub, attr)
-            target.data = saved[key].to(target.device)
+            if key not in copies:
+                copies[key] = saved.pop(key).to(target.device, copy=True)
+            target.data = copies[key]
         shutil.rmtree(self._folder, ignore_errors=True)
         self._folder = None
 

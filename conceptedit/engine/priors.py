@@ -36,7 +36,9 @@ def embedding_prior(
         batch_size: Prompts encoded at once.
     """
     adapter = ctx.adapter
-    encoder_key = module_digest(adapter.components()["text_encoder"])
+    # Every text encoder's weights (SDXL's rows come from two; SD's key is its one encoder's digest).
+    encoders = sorted((name, m) for name, m in adapter.components().items() if name.startswith("text_encoder"))
+    encoder_key = "|".join(module_digest(module) for _, module in encoders)
     prompt_key = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
     key = hashlib.sha256(f"{encoder_key}|{prompt_key}|{positions}".encode()).hexdigest()[:32]
     path = ctx.cache_path("priors", key)

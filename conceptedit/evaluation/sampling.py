@@ -46,11 +46,11 @@ def sample(
     width: int | None = None,
 ) -> tuple[list[Image.Image], list[Tensor]]:
     """One image per row of ``hidden`` (text embeddings) and seed, with its final latent (decoded
-    here as the pipeline would decode it)."""
+    here as the pipeline would decode it). The adapter hands the embeddings to the pipeline (SDXL's
+    pooled embeddings too) and decodes as the pipeline does."""
     negative = adapter.encode_prompts([negative_prompt or ""]).hidden.to(hidden.dtype)
     latents = pipeline(
-        prompt_embeds=hidden,
-        negative_prompt_embeds=negative.expand(len(seeds), -1, -1),
+        **adapter.pipeline_embeds(hidden, negative.expand(len(seeds), -1, -1)),
         num_inference_steps=steps,
         guidance_scale=guidance,
         height=height,
@@ -58,7 +58,7 @@ def sample(
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         output_type="latent",
     ).images
-    decoded = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
+    decoded = adapter.decode_latents(latents)
     images = pipeline.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(seeds))
     return list(images), [latent.float().cpu() for latent in latents]
 

@@ -1,4 +1,5 @@
-"""The Stable Diffusion 1.x/2.x backbone adapter, and choosing the adapter for a pipeline.
+"""The Stable Diffusion 1.x/2.x backbone adapter, and choosing the adapter for a pipeline
+(SDXL's, a subclass, is in :mod:`conceptedit.models.sdxl`).
 
 SD-1.x and SD-2.x share the pipeline layout; they differ in the text encoder (OpenAI CLIP
 ViT-L/14 vs OpenCLIP ViT-H/14), its tokenizer's padding and, for SD-2.x at 768 px, the

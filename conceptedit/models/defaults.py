@@ -7,8 +7,10 @@ from collections.abc import Callable
 from conceptedit.api.backbone import BackboneAdapter
 from conceptedit.api.hooks import hookimpl
 from conceptedit.models.backbone import StableDiffusionAdapter
+from conceptedit.models.sdxl import StableDiffusionXLAdapter
 
 
 @hookimpl
 def conceptedit_register_backbones(register: Callable[[type[BackboneAdapter]], None]) -> None:
     register(StableDiffusionAdapter)
+    register(StableDiffusionXLAdapter)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
@@ -141,20 +142,22 @@ def _load_builtin(model_id: str) -> LoadedModel:
     return LoadedModel(pipeline, "builtin", model_id, file_hashes={"state": state_digest(pipeline)})
 
 
-def _load_folder(model_id: str, path: Path, dtype: torch.dtype, variant: str | None) -> LoadedModel:
-    from diffusers import StableDiffusionPipeline
+def _pipeline_class(model_index: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The diffusers pipeline class a ``model_index.json`` names (SDXL or, by default, SD) and the
+    keyword arguments that turn its safety checker off (SDXL has none)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if model_index.get("_class_name") == "StableDiffusionXLPipeline":
+        return StableDiffusionXLPipeline, {}
+    return StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}
+
+
+def _load_folder(model_id: str, path: Path, dtype: torch.dtype, variant: str | None) -> LoadedModel:
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"model folder {path} has no model_index.json; is it a diffusers pipeline folder?")
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            str(path),
-            torch_dtype=dtype,
-            variant=variant,
-            safety_checker=None,
-            requires_safety_checker=False,
-            local_files_only=True,
-        )
+        cls, extra = _pipeline_class(json.loads((path / "model_index.json").read_text(encoding="utf-8")))
+        pipeline = cls.from_pretrained(str(path), torch_dtype=dtype, variant=variant, local_files_only=True, **extra)
     except Exception as exc:
         raise ModelLoadError(f"could not load the diffusers folder {path}: {exc}") from exc
     return LoadedModel(pipeline, "folder", model_id, file_hashes=_hash_weights(path))
@@ -180,17 +183,15 @@ def _load_single_file(model_id: str, path: Path, dtype: torch.dtype) -> LoadedMo
 
 
 def _load_hub(model_id: str, revision: str | None, dtype: torch.dtype, variant: str | None) -> LoadedModel:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            model_id,
-            revision=revision,
-            torch_dtype=dtype,
-            variant=variant,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        index = dict(DiffusionPipeline.load_config(model_id, revision=revision))
+    except Exception:  # unreachable or not a pipeline: from_pretrained below says why
+        index = {}
+    cls, extra = _pipeline_class(index)
+    try:
+        pipeline = cls.from_pretrained(model_id, revision=revision, torch_dtype=dtype, variant=variant, **extra)
     except Exception as exc:
         raise ModelLoadError(
             f"could not load {model_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
@@ -219,9 +220,9 @@ def _hash_weights(folder: Path) -> dict[str, str]:
 
 
 def state_digest(pipeline: Any) -> str:
-    """sha256 over every weight of the pipeline's UNet, text encoder and VAE, in name order."""
+    """sha256 over every weight of the pipeline's UNet, text encoder(s) and VAE, in name order."""
     digest = hashlib.sha256()
-    for component in ("unet", "text_encoder", "vae"):
+    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
         module = getattr(pipeline, component, None)
         if module is not None:
             _update_with_module(digest, component, module)

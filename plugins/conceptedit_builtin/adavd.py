@@ -271,6 +271,7 @@ class AdaVD(EditMethod[AdaVDParams]):
     kind = "inference_time"
     paper = "Wang et al., Precise, Fast, and Low-cost Concept Erasure in Value Space (AdaVD), CVPR 2025"
     Params = AdaVDParams
+    backbones = frozenset({"sd1", "sd2", "sdxl"})
 
     def inference_guard(self, ctx: EditContext) -> Guard:
         p = self.params

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -268,6 +268,13 @@ class AdvUnlearn(EditMethod[AdvUnlearnParams]):
         "Models, NeurIPS 2024, arXiv:2405.15234 (reference code OPTML-Group/AdvUnlearn, CC-BY-4.0)"
     )
     Params = AdvUnlearnParams
+    unsupported_backbones: ClassVar[dict[str, str]] = {
+        "sdxl": (
+            "it trains the one text encoder of SD-1.x/2.x against soft-prompt attacks on its token "
+            "embeddings; SDXL has two text encoders and a pooled embedding the trained rows would "
+            "have to carry"
+        )
+    }
     Training = AdvUnlearnTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

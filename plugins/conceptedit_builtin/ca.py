@@ -202,6 +202,7 @@ class ConceptAblation(EditMethod[CaParams]):
     kind = "training"
     paper = "Kumari et al., Ablating Concepts in Text-to-Image Diffusion Models, ICCV 2023, arXiv:2303.13516"
     Params = CaParams
+    backbones = frozenset({"sd1", "sd2", "sdxl"})
     Training = CaTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

@@ -85,6 +85,7 @@ class Esd(EditMethod[EsdParams]):
     kind = "training"
     paper = "Gandikota et al., Erasing Concepts from Diffusion Models, ICCV 2023, arXiv:2303.07345"
     Params = EsdParams
+    backbones = frozenset({"sd1", "sd2", "sdxl"})
     Training = EsdTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

@@ -47,7 +47,7 @@ Where this departs from the reference (``docs/methods/race.md``):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +118,12 @@ class Race(EditMethod[RaceParams]):
         "ECCV 2024, arXiv:2405.16341"
     )
     Params = RaceParams
+    unsupported_backbones: ClassVar[dict[str, str]] = {
+        "sdxl": (
+            "its attack perturbs text embeddings directly (embedding PGD), and a perturbed row has no"
+            " pooled embedding of its own for SDXL's added conditioning"
+        )
+    }
     Training = RaceTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

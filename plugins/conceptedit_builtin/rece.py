@@ -68,6 +68,7 @@ class Rece(EditMethod[ReceParams]):
     kind = "closed_form"
     paper = "Gong et al., Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models, ECCV 2024"
     Params = ReceParams
+    backbones = frozenset({"sd1", "sd2", "sdxl"})
 
     def encode_prompts(self, ctx: EditContext, prompts: Sequence[str]) -> PromptEncoding:
         # The adversarial embedding replaces the whole 77-row context, padding included.

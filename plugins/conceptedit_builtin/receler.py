@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -431,6 +431,13 @@ class Receler(EditMethod[RecelerParams]):
         "ECCV 2024, arXiv:2311.17717 (reference code jasper0314-huang/Receler, MIT)"
     )
     Params = RecelerParams
+    unsupported_backbones: ClassVar[dict[str, str]] = {
+        "sdxl": (
+            "its adversarial prompts are soft tokens through the token-embedding table, which SDXL's "
+            "two text encoders (768- and 1280-wide tables) do not share, and a soft prompt has no "
+            "pooled embedding"
+        )
+    }
     Training = RecelerTraining
 
     # ------------------------------------------------------------------ erasers: added, then saved

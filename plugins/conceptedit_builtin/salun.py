@@ -192,6 +192,7 @@ class Salun(EditMethod[SalunParams]):
         "Classification and Generation, ICLR 2024, arXiv:2310.12508"
     )
     Params = SalunParams
+    backbones = frozenset({"sd1", "sd2", "sdxl"})
     Training = SalunTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

@@ -148,10 +148,18 @@ class SldParams(MethodParams):
 class _SafetyGuidance:
     """The UNet hooks of one installed SLD guard, and its per-image state (step, momentum)."""
 
-    def __init__(self, pipeline: Any, settings: SldSettings, embedding: Tensor, prediction: PredictionType) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        settings: SldSettings,
+        embedding: Tensor,
+        prediction: PredictionType,
+        pooled: Tensor | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.settings = settings
         self.embedding = embedding  # [1, L, D]
+        self.pooled = pooled  # [1, P]: SDXL's pooled embedding of the safety concept, else None
         self.state = denoising_state(pipeline)
         self.generation = -1
         self.step = 0
@@ -198,10 +206,20 @@ class _SafetyGuidance:
         if "timestep_cond" in call:
             call["timestep_cond"] = _extend(call["timestep_cond"], n, half)
         if isinstance(call.get("added_cond_kwargs"), dict):
-            call["added_cond_kwargs"] = {k: _extend(v, n, half) for k, v in call["added_cond_kwargs"].items()}
+            call["added_cond_kwargs"] = self._added(call["added_cond_kwargs"], n, half)
         self.half = half
         self.per_noise = self._per_noise(call.get("timestep"))
         return (), call
+
+    def _added(self, added: dict[str, Any], n: int, half: int) -> dict[str, Any]:
+        """The UNet's added conditioning for the extended batch: the prompts' (SDXL's time ids), but
+        the safety branch reads the safety concept's pooled embedding (``text_embeds``)."""
+        extended = {k: _extend(v, n, half) for k, v in added.items()}
+        embeds = extended.get("text_embeds")
+        if self.pooled is not None and isinstance(embeds, Tensor) and embeds.shape[0] == n + half:
+            safety = self.pooled.to(embeds.device, embeds.dtype).expand(half, -1)
+            extended["text_embeds"] = torch.cat([embeds[:n], safety])
+        return extended
 
     def after(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if self.half is None:
@@ -243,6 +261,7 @@ class Sld(EditMethod[SldParams]):
     kind = "inference_time"
     paper = "Schramowski et al., Safe Latent Diffusion, CVPR 2023, arXiv:2211.05105"
     Params = SldParams
+    backbones = frozenset({"sd1", "sd2", "sdxl"})
 
     def inference_guard(self, ctx: EditContext) -> Guard:
         p = self.params
@@ -259,8 +278,8 @@ class Sld(EditMethod[SldParams]):
             raise EditError(f"SLD needs a pipeline with a UNet; {type(pipeline).__name__} has none")
         if not settings.enabled:
             return  # no hooks at all: the pipeline samples exactly as before
-        embedding = adapter.encode_prompts([settings.safety_concept]).hidden
-        hooks = _SafetyGuidance(pipeline, settings, embedding, adapter.prediction_type)
+        encoding = adapter.encode_prompts([settings.safety_concept])
+        hooks = _SafetyGuidance(pipeline, settings, encoding.hidden, adapter.prediction_type, encoding.pooled)
         unet.register_forward_pre_hook(hooks.before, with_kwargs=True)
         unet.register_forward_hook(hooks.after, with_kwargs=True)
 

@@ -150,6 +150,7 @@ class Speed(EditMethod[SpeedParams]):
     kind = "closed_form"
     paper = "Li et al., SPEED: Scalable, Precise, and Efficient Concept Erasure for Diffusion Models, ICLR 2026"
     Params = SpeedParams
+    backbones = frozenset({"sd1", "sd2", "sdxl"})
 
     def attention_edits(self, ctx: EditContext) -> Iterable[KVEdit]:
         p = self.params

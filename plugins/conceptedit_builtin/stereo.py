@@ -48,7 +48,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +257,12 @@ class Stereo(EditMethod[StereoParams]):
         "Text-to-Image Diffusion Models, CVPR 2025"
     )
     Params = StereoParams
+    unsupported_backbones: ClassVar[dict[str, str]] = {
+        "sdxl": (
+            "its search phase inverts the concept into token embeddings (concept inversion), which "
+            "SDXL's two text encoders do not share, and an inverted prompt has no pooled embedding"
+        )
+    }
     Training = StereoTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

@@ -196,6 +196,7 @@ class TrceEot(EditMethod[TrceEotParams]):
     kind = "closed_form"
     paper = "Chen et al., TRCE, ICCV 2025, arXiv:2503.07389"
     Params = TrceEotParams
+    backbones = frozenset({"sd1", "sd2", "sdxl"})
 
     def encode_prompts(self, ctx: EditContext, prompts: Sequence[str]) -> PromptEncoding:
         p = self.params

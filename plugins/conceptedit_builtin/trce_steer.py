@@ -140,6 +140,7 @@ class TrceSteer(EditMethod[TrceSteerParams]):
     kind = "training"
     paper = "Chen et al., TRCE, ICCV 2025, arXiv:2503.07389"
     Params = TrceSteerParams
+    backbones = frozenset({"sd1", "sd2", "sdxl"})
     Training = TrceSteerTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

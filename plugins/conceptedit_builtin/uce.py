@@ -50,6 +50,7 @@ class Uce(EditMethod[UceParams]):
     kind = "closed_form"
     paper = "Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024, arXiv:2308.14761"
     Params = UceParams
+    backbones = frozenset({"sd1", "sd2", "sdxl"})
 
     def encode_prompts(self, ctx: EditContext, prompts: Sequence[str]) -> PromptEncoding:
         p = self.params
