@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 #: How each family's chance baseline differs from the attack (besides base model and neighbour prompts).
 CHANCE: dict[str, dict[str, Any]] = {"ring_a_bell": {"ring_strength": 0.0}}
 
-#: The robust options and methods, with this file's untuned settings for a 5M-parameter model.
+#: The robust options and methods, with this file's untuned settings for a 5M-parameter model
+#: (SPEED, the closed-form method added with them, runs at its reference defaults).
 ROBUST: dict[str, Any] = {
     "trce_stage1_adversarial": {"rounds": 2, "regular_scale": 0.1},
     "trce_stage2_adversarial": {"attack": "soft_prompt", "tokens": 5, "steps": 10, "every": 10},
@@ -94,19 +94,7 @@ def robust_edits(target: str, prior: Path) -> dict[str, list[dict[str, Any]]]:
                 "training": {"steps": a["steps"], "lr": a["lr"]},
             }
         ],
-        "salun": [
-            {
-                "method": "salun",
-                "params": {
-                    "concepts": target,
-                    "forget_samples": sl["samples"],
-                    "retain_samples": sl["samples"],
-                    "generation_steps": 25,
-                    "generation_guidance": 5.0,
-                },
-                "training": {"steps": sl["steps"], "lr": sl["lr"]},
-            }
-        ],
+        "salun": [salun(target, sl["steps"], sl["lr"])],
     }
     st = ROBUST["stereo"]
     configs["stereo"] = [
@@ -125,17 +113,35 @@ def robust_edits(target: str, prior: Path) -> dict[str, list[dict[str, Any]]]:
             "training": {"steps": st["steps"], "lr": st["lr"]},
         }
     ]
+    configs["speed"] = [{"method": "speed", "params": {"concepts": f"{target}_words", "retain": _neighbours(target)}}]
     rc = ROBUST["receler"]
     receler_params = {"concept": target, "rank": rc["rank"], "attack_steps": rc["attack_steps"], "sampling_steps": 25}
     configs["receler"] = [
         {"method": "receler", "params": receler_params, "training": {"steps": rc["steps"], "lr": rc["lr"]}}
     ]
+    configs["TRCE robust, tuned"] = robust_grid(target, prior)[TUNED]
     installed = get_host().registry.methods
     return {label: edit for label, edit in configs.items() if all(e["method"] in installed for e in edit)}
 
 
 #: Concept inversion as robust TRCE's stage 2 adversary: one free token in the concept's place.
 INVERSION_STEER: dict[str, Any] = {"attack": "concept_inversion", "tokens": 1, "steps": 20, "step_size": 0.02}
+
+
+def salun(target: str, steps: int, lr: float) -> dict[str, Any]:
+    """SalUn on ``target`` with :data:`ROBUST`'s sample counts, ``steps`` and ``lr``."""
+    samples = ROBUST["salun"]["samples"]
+    return {
+        "method": "salun",
+        "params": {
+            "concepts": target,
+            "forget_samples": samples,
+            "retain_samples": samples,
+            "generation_steps": 25,
+            "generation_guidance": 5.0,
+        },
+        "training": {"steps": steps, "lr": lr},
+    }
 
 
 def robust_grid(target: str, prior: Path) -> dict[str, list[dict[str, Any]]]:
@@ -148,8 +154,7 @@ def robust_grid(target: str, prior: Path) -> dict[str, list[dict[str, Any]]]:
     def steer(**adversarial: Any) -> dict[str, Any]:
         return {**s2, "params": {**s2["params"], "adversarial": adversarial}}
 
-    salun = robust_edits(target, prior)["salun"][0]
-    gentle = {**salun, "training": {"steps": 100, "lr": 3e-5}}
+    gentle = salun(target, steps=100, lr=3e-5)
     return {
         "TRCE 1+2, stage 2 vs soft prompt": [s1, steer(**ROBUST["trce_stage2_adversarial"])],
         "TRCE 1+2, stage 2 vs inversion": [s1, steer(**INVERSION_STEER, every=10)],
@@ -160,14 +165,21 @@ def robust_grid(target: str, prior: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+#: The robust_grid entry --tune 4 chose on red and circle (results/attack_shapes_tuning_red_circle.json),
+#: measured on the held-out split as "TRCE robust, tuned".
+TUNED = "TRCE 1+2, stage 2 vs inversion"
+
 #: The attack families the tuning sweep runs (the targets' families; Ring-A-Bell and soft prompts are
 #: weaker than these on every measured edit).
 TUNING_FAMILIES = ("uda", "random", "concept_inversion")
 
 
-def tune(targets: Iterable[str], seeds: int, pick: Sequence[int] = ()) -> dict[str, Any]:
+def tune(
+    targets: Iterable[str], seeds: int, pick: Sequence[int] = (), save: Callable[[dict[str, Any]], None] = print
+) -> dict[str, Any]:
     """Each :func:`robust_grid` entry on the tuning split only: erased, anchor reached, tuning
-    neighbours kept (relative to the base model) and the tuning families' ASR on tuning prompts."""
+    neighbours kept (relative to the base model) and the tuning families' ASR on tuning prompts;
+    ``save`` gets the sweep so far after each entry (``"partial": true``)."""
     targets = list(targets)
     host = get_host()
     base = conceptedit.load_model("builtin:shapes").pipeline
@@ -181,9 +193,7 @@ def tune(targets: Iterable[str], seeds: int, pick: Sequence[int] = ()) -> dict[s
             for target in targets:
                 anchor = es.TARGETS[target]
                 edit = robust_grid(target, es._prior(work, target))[label]
-                pipe = conceptedit.load_model("builtin:shapes").pipeline
-                recipe = es._recipe(es.concept_sets(target, anchor), edit)
-                conceptedit.apply(recipe, pipeline=pipe, out=work / f"t{len(trials)}-{target}", quiet=True)
+                pipe = es.apply_edit(es.concept_sets(target, anchor), edit, work / f"t{len(trials)}-{target}").pipeline
                 tuning, nb, _ = es._tuning_metrics(pipe, target, anchor, seeds)
                 entry = {
                     "target": target,
@@ -200,14 +210,20 @@ def tune(targets: Iterable[str], seeds: int, pick: Sequence[int] = ()) -> dict[s
             trial = {"edit": label, "scores": scores, "score": tuning_score(scores)}
             trials.append(trial)
             print(json.dumps(trial), flush=True)
+            save({**sweep(trials, seeds), "partial": True})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return sweep(trials, seeds)
+
+
+def sweep(trials: Sequence[dict[str, Any]], seeds: int) -> dict[str, Any]:
+    """A tuning sweep's record: its protocol, every trial, and the entry :func:`tuning_score` picks."""
     return {
         "split": "shapes-tuning, shapes-tuning-neighbours; attacks on the tuning prompts",
         "seeds": seeds,
         "families": {f: FAMILIES[f] for f in TUNING_FAMILIES},
         "rule": tuning_score.__doc__,
-        "trials": trials,
+        "trials": list(trials),
         "chosen": max(trials, key=lambda t: t["score"])["edit"] if trials else None,
     }
 
@@ -219,6 +235,12 @@ def tuning_score(scores: Sequence[dict[str, Any]]) -> float:
         s["erased_strict"] + s["neighbours_kept"] - max(s["asr_uda"], s["asr_concept_inversion"]) for s in scores
     ]
     return sum(per_target) / len(per_target)
+
+
+def _neighbours(target: str) -> list[str]:
+    """The other colours (or shapes): SPEED's retain set, as UCE's preserve set in the erasure benchmark."""
+    kind = es.CONCEPTS[target].kind
+    return [c.name for c in es.CONCEPTS.values() if c.kind == kind and c.name != target]
 
 
 def _anchors(target: str) -> list[str]:
@@ -269,7 +291,7 @@ def row(label: str, target: str, metrics: dict[str, Any], base: dict[str, Any], 
         "edit": label,
         "target": target,
         **cost,
-        "tuned": label == "no edit" or label in es.edits(target, Path("prior")),
+        "tuned": label in ("no edit", "TRCE robust, tuned") or label in es.edits(target, Path("prior")),
         "erased_strict": es._interval(c, "erased_strict"),
         "anchor_reached": es._interval(c, "anchor_reached"),
         "phrasings_erased_strict": es._interval(metrics["phrasings"], "erased_strict"),
@@ -335,12 +357,9 @@ def run(
             for label, edit in edits(target, prior).items():
                 if only and label not in only:
                     continue
-                pipe = conceptedit.load_model("builtin:shapes").pipeline
-                run_dir = work / f"{target}-{len(rows)}"
-                started = time.perf_counter()
-                applied = conceptedit.apply(es._recipe(concepts, edit), pipeline=pipe, out=run_dir, quiet=True)
-                cost = _cost(applied.outcomes, time.perf_counter() - started)
-                add(row(label, target, measure(pipe, base, target, anchor, seeds), base_metrics, cost))
+                applied = es.apply_edit(concepts, edit, work / f"{target}-{len(rows)}")
+                cost = _cost(applied.outcomes, applied.seconds)
+                add(row(label, target, measure(applied.pipeline, base, target, anchor, seeds), base_metrics, cost))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -483,9 +502,11 @@ def main() -> None:
     args = es.parse_args(__doc__ or "", tune=(4,), tune_help="4: the robust settings' sweep on the tuning split")
     stem = args.stem if args.stem != "erasure_shapes" else "attack_shapes"
     if args.tune:
-        picked = [f"g{i}" for i in args.grid]
+        name = f"{stem}_tuning_{'_'.join([*(f'g{i}' for i in args.grid), *args.targets])}"
         es.write_results(
-            args.out, f"{stem}_tuning_{'_'.join([*picked, *args.targets])}", tune(args.targets, args.seeds, args.grid)
+            args.out,
+            name,
+            tune(args.targets, args.seeds, args.grid, save=lambda partial: es.write_results(args.out, name, partial)),
         )
         return
     if args.merge:  # runs split by target or by edit

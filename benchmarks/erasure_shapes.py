@@ -41,6 +41,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -397,14 +398,10 @@ def run(
             for label, edit in edits(target, prior).items():
                 if only and label not in only:
                     continue
-                pipe = conceptedit.load_model("builtin:shapes").pipeline
-                recipe = _recipe(concepts, edit)
-                started = time.perf_counter()
-                conceptedit.apply(recipe, pipeline=pipe, out=work / f"{target}-{len(rows)}", quiet=True)
-                seconds = time.perf_counter() - started
-                metrics = measure(pipe, base, target, anchor, seeds, edit_prompts)
-                add(row(label, target, metrics, base_metrics, seconds))
-                _save_grid(label, target, pipe, base, out)
+                applied = apply_edit(concepts, edit, work / f"{target}-{len(rows)}")
+                metrics = measure(applied.pipeline, base, target, anchor, seeds, edit_prompts)
+                add(row(label, target, metrics, base_metrics, applied.seconds))
+                _save_grid(label, target, applied.pipeline, base, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -419,6 +416,24 @@ def _recipe(concepts: dict[str, Any], edit: list[dict[str, Any]]) -> dict[str, A
         "concepts": concepts,
         "edits": edit,
     }
+
+
+@dataclass
+class Applied:
+    """A fresh builtin:shapes with one benchmark edit applied: the pipeline, the run's per-edit
+    outcomes and its wall time."""
+
+    pipeline: Any
+    outcomes: list[Any]
+    seconds: float
+
+
+def apply_edit(concepts: dict[str, Any], edit: list[dict[str, Any]], run_dir: Path) -> Applied:
+    """``edit`` (recipe edits) on a freshly loaded builtin:shapes, with ``concepts`` as the recipe's sets."""
+    pipe = conceptedit.load_model("builtin:shapes").pipeline
+    started = time.perf_counter()
+    result = conceptedit.apply(_recipe(concepts, edit), pipeline=pipe, out=run_dir, quiet=True)
+    return Applied(pipe, result.outcomes, time.perf_counter() - started)
 
 
 def _prior(work: Path, target: str) -> Path:
@@ -495,10 +510,10 @@ def tune(
                     edit = peers(target, {method: settings}).get(method, [])
                     if not edit:
                         continue
-                pipe = conceptedit.load_model("builtin:shapes").pipeline
-                recipe = _recipe(concept_sets(target, anchor, chosen["pairs"]), edit)
-                conceptedit.apply(recipe, pipeline=pipe, out=work / f"t{len(trials)}-{target}", quiet=True)
-                tuning, nb, preserve = _tuning_metrics(pipe, target, anchor, seeds)
+                applied = apply_edit(
+                    concept_sets(target, anchor, chosen["pairs"]), edit, work / f"t{len(trials)}-{target}"
+                )
+                tuning, nb, preserve = _tuning_metrics(applied.pipeline, target, anchor, seeds)
                 scores.append(
                     {
                         "target": target,

@@ -13,9 +13,8 @@ sampling is the same for every method and scales with the step count), STEREO wi
 one erase step and one inversion step, and the methods with an inner attack (RACE, Receler, robust
 TRCE) at 2 attack steps per training step instead of 10, 50 and 10 (robust TRCE refreshing its
 prompt every step, not every 10th: the cost of a step with an attack). An attack step is about
-one UNet forward and backward; the table's last column gives its measured cost, (step − the
-baseline's step) / attack steps, to scale a step to the defaults. Every other parameter is the
-method's default.
+one UNet forward and backward, so a step at the defaults costs about that many more. Every other
+parameter is the method's default.
 
     python benchmarks/method_cost_sd14.py                      # every method; writes results/method_cost_sd14.{json,md}
     python benchmarks/method_cost_sd14.py --method esd         # one method, printed as JSON
@@ -43,7 +42,7 @@ CONCEPT = "nudity"
 SAMPLING = 4
 #: Attack steps per training step of the methods with an inner attack (RACE 10, Receler 50, robust
 #: TRCE 10 by default): each is about one UNet forward and backward, so a CPU step at the defaults
-#: takes hours; the table gives the per-attack-step cost to scale by.
+#: takes hours.
 ATTACK_STEPS = 2
 
 #: Each method's recipe edits (the last one is measured), as a user of the reference would start.
@@ -116,8 +115,6 @@ EDITS["trce_steer robust"] = [
         },
     }
 ]
-#: The methods whose step runs an inner attack of ATTACK_STEPS steps.
-ATTACKING = ("race", "receler", "trce_steer robust")
 #: Which methods build on which: the rows' ratios are to these.
 BASELINE = {"trce_steer robust": "trce_steer"}
 
@@ -177,9 +174,19 @@ def part(name: str, steps: int, model: str) -> dict[str, Any]:
     }
 
 
+def _part_file(name: str, steps: int, threads: int) -> Path:
+    return RESULTS / "method_cost_sd14.parts" / f"{name.replace(' ', '_')}-{steps}-{threads}.json"
+
+
+def saved_part(name: str, steps: int, threads: int) -> dict[str, Any] | None:
+    """A method's figures from an earlier run with the same steps and threads, if any."""
+    saved = _part_file(name, steps, threads)
+    return dict(json.loads(saved.read_text())) if saved.is_file() else None
+
+
 def run_part(name: str, steps: int, threads: int, model: str, reuse: bool) -> dict[str, Any]:
     """One method in a fresh process; its JSON is kept under results/method_cost_sd14.parts/ for --reuse."""
-    saved = RESULTS / "method_cost_sd14.parts" / f"{name.replace(' ', '_')}-{steps}-{threads}.json"
+    saved = _part_file(name, steps, threads)
     if reuse and saved.is_file():
         return dict(json.loads(saved.read_text()))
     print(f"  {name} ...", file=sys.stderr, flush=True)
@@ -214,19 +221,23 @@ def render(r: dict[str, Any]) -> str:
         f"{SAMPLING}-step DDIM run, STEREO with one round of one erase and one inversion step "
         f"(`benchmarks/method_cost_sd14.py` says why); RACE, Receler and robust TRCE at {ATTACK_STEPS} attack "
         "steps per training step (defaults 10, 50, 10; robust TRCE attacking every step, its default every 10th). "
-        "Ratios are to ESD (robust TRCE: to TRCE stage 2), measured in the same run.",
+        "Ratios are to ESD (robust TRCE: to TRCE stage 2), measured in the same run; set-up is the time to the "
+        "first step's end less one step (0 when within one step's noise).",
         "",
-        "| method | s per step | ratio | s per attack step | set-up s | peak RSS GiB | ratio | tensors written |",
-        "|---|---|---|---|---|---|---|---|",
+        *([f"Load while measuring: {r['load']}", ""] if r.get("load") else []),
+        *(
+            [f"Not measured in this run: {', '.join(n for n in EDITS if n not in rows)}.", ""]
+            if any(n not in rows for n in EDITS)
+            else []
+        ),
+        "| method | s per step | ratio | set-up s | peak RSS GiB | ratio | tensors written |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        base = rows[BASELINE.get(name, "esd")]
-        attack = (
-            f"{(row['seconds_per_step'] - base['seconds_per_step']) / ATTACK_STEPS:.1f}" if name in ATTACKING else "-"
-        )
+        base = rows.get(BASELINE.get(name, "esd"), row)
         lines.append(
             f"| {name} | {row['seconds_per_step']} | {row['seconds_per_step'] / base['seconds_per_step']:.2f}x | "
-            f"{attack} | {row['setup_seconds']} | {row['peak_rss_gib']} | "
+            f"{max(row['setup_seconds'], 0.0)} | {row['peak_rss_gib']} | "
             f"{row['peak_rss_gib'] / base['peak_rss_gib']:.2f}x | {row['tensors_written']} |"
         )
     return "\n".join(lines) + "\n"
@@ -239,6 +250,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared machine)")
     parser.add_argument("--model", default="builtin:sd14-random", help="another model: a quick check of the script")
     parser.add_argument("--reuse", action="store_true", help="reuse methods already measured (results/*.parts)")
+    parser.add_argument("--load", default="", help="what else ran on the machine meanwhile (said in the results)")
+    parser.add_argument(
+        "--measured-only", action="store_true", help="write the results from the methods measured so far, run none"
+    )
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2: a step's time is a gap between two step ends")
@@ -246,12 +261,16 @@ def main() -> None:
     if args.method:
         print(json.dumps(part(args.method, args.steps, args.model)))
         return
-    rows = [run_part(name, args.steps, args.threads, args.model, args.reuse) for name in EDITS]
+    if args.measured_only:
+        rows = [r for name in EDITS if (r := saved_part(name, args.steps, args.threads)) is not None]
+    else:
+        rows = [run_part(name, args.steps, args.threads, args.model, args.reuse) for name in EDITS]
     result = {
         "model": args.model,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
         "steps": args.steps,
         "sampling_steps": SAMPLING,
+        "load": args.load,
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

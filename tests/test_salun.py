@@ -236,8 +236,28 @@ def test_top_fraction_mask_keeps_exactly_that_many_and_breaks_ties_in_order() ->
     assert masks[0].tolist() == [True, False, True, True] and masks[1].tolist() == [[False, False], [True, False]]
     assert [m.tolist() for m in top_fraction_mask([a], 0.2)] == [[False] * 4]  # int(4 × 0.2) = 0
     assert [m.tolist() for m in top_fraction_mask([a, b], 1.0)] == [[True] * 4, [[True, True], [True, True]]]
-    with pytest.raises(conceptedit.EditError, match="not all finite"):
+    with pytest.raises(conceptedit.EditError, match="finite magnitudes"):
         top_fraction_mask([torch.tensor([1.0, float("nan")])], 0.5)
+    with pytest.raises(conceptedit.EditError, match="finite magnitudes"):
+        top_fraction_mask([torch.tensor([1.0, -2.0])], 0.5)
+
+
+def test_top_fraction_mask_equals_a_stable_sort_of_all_scores() -> None:
+    """The bisection on bit patterns picks what ranking every score together picks: a stable
+    descending sort (ties in tensor order, then flat order) and its first k."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        scores = [torch.rand(int(torch.randint(1, 40, (1,), generator=g)), 3, generator=g) for _ in range(4)]
+        if trial % 2:
+            scores = [(s * 4).round() / 4 for s in scores]  # many ties, zeros among them
+        flat = torch.cat([s.reshape(-1) for s in scores])
+        for fraction in (0.1, 0.37, 0.5, 0.9):
+            k = int(flat.numel() * fraction)
+            order = torch.sort(flat, descending=True, stable=True).indices[:k]
+            want = torch.zeros(flat.numel(), dtype=torch.bool)
+            want[order] = True
+            got = torch.cat([m.reshape(-1) for m in top_fraction_mask(scores, fraction)])
+            assert torch.equal(got, want), (trial, fraction)
 
 
 # ------------------------------------------------------------------------------ the loss, by hand
