@@ -33,7 +33,7 @@ from conceptedit.evaluation.sampling import Sampling, generate
 from conceptedit.io.atomic import atomic_write_text, publish_dir
 from conceptedit.io.edit_file import EDIT_FILE, read_edit
 from conceptedit.io.manifest import MANIFEST_FILE
-from conceptedit.io.model_card import model_card
+from conceptedit.io.model_card import model_card, named_concepts
 from conceptedit.models.backbone import resolve_backbone
 from conceptedit.models.loading import load_model
 from conceptedit.plugins import PluginHost, get_host
@@ -191,15 +191,10 @@ def default_check_prompts(source: ExportSource) -> list[str]:
     """Up to three of the edits' concept prompts (a concept set's first pair, or the word itself),
     then an empty prompt: where an export that lost the edit shows it."""
     sets = source.recipe.get("concepts") or {}
-    prompts: list[str] = []
-    for edit in source.recipe.get("edits", []):
-        params = edit.get("params", {})
-        for key in ("concept", "concepts", "erase"):
-            value = params.get(key)
-            for word in value if isinstance(value, list) else [value]:
-                if isinstance(word, str) and word.strip():
-                    pairs = (sets.get(word) or {}).get("pairs") if isinstance(sets.get(word), dict) else None
-                    prompts.append(pairs[0][0] if pairs else word)
+    prompts = []
+    for name in named_concepts(source.recipe):
+        pairs = sets[name].get("pairs") if isinstance(sets.get(name), dict) else None
+        prompts.append(pairs[0][0] if pairs else name)
     return [*list(dict.fromkeys(prompts))[:3], ""]
 
 

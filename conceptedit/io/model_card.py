@@ -83,17 +83,20 @@ def model_card(
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
-def _concepts(params: dict[str, Any]) -> list[str]:
+def named_concepts(recipe: dict[str, Any]) -> list[str]:
+    """What the recipe's edits name as erased (``concept``, ``concepts``, ``erase``: words or
+    concept-set names), in order, each once."""
     found: list[str] = []
-    for key in ("concept", "concepts", "erase"):
-        value = params.get(key)
-        found += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
-    return found
+    for edit in recipe.get("edits", []):
+        params = edit.get("params", {})
+        for key in ("concept", "concepts", "erase"):
+            value = params.get(key)
+            found += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v.strip()]
+    return list(dict.fromkeys(found))
 
 
 def _erased_summary(source: ExportSource) -> str:
-    concepts = [c for e in source.recipe.get("edits", []) for c in _concepts(e.get("params", {}))]
-    return ", ".join(dict.fromkeys(concepts)) or "concepts"
+    return ", ".join(named_concepts(source.recipe)) or "concepts"
 
 
 def _edits_section(source: ExportSource) -> str:
