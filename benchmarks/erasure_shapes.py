@@ -27,6 +27,7 @@ until the run ends), a before/after grid of held-out-context prompts per edit, a
 
     python benchmarks/erasure_shapes.py                    # the full run (4 seeds)
     python benchmarks/erasure_shapes.py --targets red      # one target
+    python benchmarks/erasure_shapes.py --model builtin:shapes-xl --stem erasure_shapes_xl   # on SDXL's layout
     python benchmarks/erasure_shapes.py --tune 1 --seeds 2   # TRCE stage 1's tuning sweep (tuning split)
     python benchmarks/erasure_shapes.py --tune 2 --seeds 2   # then stage 2's, on the chosen stage 1
     python benchmarks/erasure_shapes.py --tune 2 --grid 8 9 --targets red blue   # two entries, two targets
@@ -51,10 +52,12 @@ from PIL import Image
 
 import conceptedit
 from conceptedit.api.recipe import EvaluateSpec
+from conceptedit.errors import BackboneError
 from conceptedit.evaluation.evaluate import evaluate
 from conceptedit.evaluation.sampling import grid
 from conceptedit.evaluation.stats import Rate
 from conceptedit.io.atomic import atomic_write_text
+from conceptedit.models.backbone import resolve_backbone
 from conceptedit.plugins import get_host
 from conceptedit.shapes.erasure import shows
 from conceptedit.shapes.evaluate import generate
@@ -70,6 +73,9 @@ HELD_OUT_WORDS = [w for words in HELD_OUT_CONTEXT_WORDS.values() for w in words]
 SAMPLER = {"steps": 25, "guidance": 5.0}
 ATTACK = {"tokens": 5, "iterations": 40, "lr": 0.01, "check_every": 10}
 EDIT_PROMPTS = 24  # edit prompts judged per edit (the first of its concept set)
+#: The shapes-world models: SD-1.x's layout (the default) and SDXL's (``--model builtin:shapes-xl``).
+MODELS = ("builtin:shapes", "builtin:shapes-xl")
+MODEL = MODELS[0]
 
 # ------------------------------------------------------------------ the edits, as recipes write them
 
@@ -298,11 +304,14 @@ def _stride(target: str) -> int:
     return 2 if CONCEPTS[target].kind == "colour" else 3
 
 
-def measure(pipe: Any, base: Any, target: str, anchor: str, seeds: int, edit_prompts: Sequence[str]) -> dict[str, Any]:
-    """Every suite's metrics for one edited pipeline, plus the edit prompts' erase rate."""
+def measure(
+    pipe: Any, base: Any, target: str, anchor: str, seeds: int, edit_prompts: Sequence[str], *, attacks: bool = True
+) -> dict[str, Any]:
+    """Every suite's metrics for one edited pipeline (the attacks unless ``attacks`` is false),
+    plus the edit prompts' erase rate."""
     host = get_host()
     results = {}
-    for key, spec in specs(target, anchor, seeds, attacks=True).items():
+    for key, spec in specs(target, anchor, seeds, attacks=attacks).items():
         (result,) = evaluate(pipe, [spec], host=host, base_pipeline=base if key.startswith("attack") else None)
         results[key] = result.metrics
     images = generate(pipe, list(edit_prompts), [0] * len(edit_prompts))
@@ -337,8 +346,18 @@ def row(label: str, target: str, metrics: dict[str, Any], base: dict[str, Any], 
         "hue_drift_max": nb.get("hue_drift_max"),
     }
     for strategy in ("gradient", "random"):
-        out[f"asr_{strategy}"] = _interval(metrics[f"attack_{strategy}"], "attack_success_rate")
+        if f"attack_{strategy}" in metrics:
+            out[f"asr_{strategy}"] = _interval(metrics[f"attack_{strategy}"], "attack_success_rate")
     return out
+
+
+def token_attacks_supported(pipe: Any) -> bool:
+    """Whether the backbone lets attacks reach its token embeddings (SDXL's adapter refuses)."""
+    try:
+        resolve_backbone(pipe, get_host().registry.backbones).token_embedding_table()
+    except BackboneError:
+        return False
+    return True
 
 
 def _interval(metrics: dict[str, float], name: str) -> dict[str, float]:
@@ -354,16 +373,21 @@ def run(
     out: Path,
     only: Sequence[str] = (),
     save: Callable[[dict[str, Any]], None] = print,
+    model: str = MODEL,
 ) -> dict[str, Any]:
     """Every edit on every target; ``save`` receives the result so far (``"partial": true``) after
-    each row, so a run stopped early keeps every row it measured."""
+    each row, so a run stopped early keeps every row it measured. On a model whose backbone
+    refuses token-embedding attacks (SDXL) the attack columns are not measured."""
     targets = list(targets)
     host = get_host()
-    base = conceptedit.load_model("builtin:shapes").pipeline
+    base = conceptedit.load_model(model).pipeline
+    attacks = token_attacks_supported(base)
     work = Path(tempfile.mkdtemp(prefix="erasure-shapes-"))
     rows: list[dict[str, Any]] = []
     chance: dict[str, dict[str, Any]] = {}
     result = {
+        "model": model,
+        "attacks": attacks,
         "seeds": seeds,
         "sampler": f"DDIM {SAMPLER['steps']} steps, CFG {SAMPLER['guidance']}",
         "threads": torch.get_num_threads(),
@@ -388,18 +412,18 @@ def run(
             prior = _prior(work, target)
             concepts = concept_sets(target, anchor)
             edit_prompts = _edit_prompts(concepts, target, prior)
-            base_metrics = measure(base, base, target, anchor, seeds, edit_prompts)
+            base_metrics = measure(base, base, target, anchor, seeds, edit_prompts, attacks=attacks)
             chance[target] = {
                 key: r.metrics
-                for key, spec in chance_specs(target).items()
+                for key, spec in (chance_specs(target) if attacks else {}).items()
                 for r in evaluate(base, [spec], host=host, base_pipeline=base)
             }
             add(row("no edit", target, base_metrics, base_metrics, 0.0))
             for label, edit in edits(target, prior).items():
                 if only and label not in only:
                     continue
-                applied = apply_edit(concepts, edit, work / f"{target}-{len(rows)}")
-                metrics = measure(applied.pipeline, base, target, anchor, seeds, edit_prompts)
+                applied = apply_edit(concepts, edit, work / f"{target}-{len(rows)}", model)
+                metrics = measure(applied.pipeline, base, target, anchor, seeds, edit_prompts, attacks=attacks)
                 add(row(label, target, metrics, base_metrics, applied.seconds))
                 _save_grid(label, target, applied.pipeline, base, out)
     finally:
@@ -407,10 +431,10 @@ def run(
     return result
 
 
-def _recipe(concepts: dict[str, Any], edit: list[dict[str, Any]]) -> dict[str, Any]:
+def _recipe(concepts: dict[str, Any], edit: list[dict[str, Any]], model: str = MODEL) -> dict[str, Any]:
     return {
         "schema_version": 1,
-        "model": "builtin:shapes",
+        "model": model,
         "device": "cpu",
         "seed": 0,
         "concepts": concepts,
@@ -420,7 +444,7 @@ def _recipe(concepts: dict[str, Any], edit: list[dict[str, Any]]) -> dict[str, A
 
 @dataclass
 class Applied:
-    """A fresh builtin:shapes with one benchmark edit applied: the pipeline, the run's per-edit
+    """A fresh shapes model with one benchmark edit applied: the pipeline, the run's per-edit
     outcomes and its wall time."""
 
     pipeline: Any
@@ -428,11 +452,11 @@ class Applied:
     seconds: float
 
 
-def apply_edit(concepts: dict[str, Any], edit: list[dict[str, Any]], run_dir: Path) -> Applied:
-    """``edit`` (recipe edits) on a freshly loaded builtin:shapes, with ``concepts`` as the recipe's sets."""
-    pipe = conceptedit.load_model("builtin:shapes").pipeline
+def apply_edit(concepts: dict[str, Any], edit: list[dict[str, Any]], run_dir: Path, model: str = MODEL) -> Applied:
+    """``edit`` (recipe edits) on a freshly loaded ``model``, with ``concepts`` as the recipe's sets."""
+    pipe = conceptedit.load_model(model).pipeline
     started = time.perf_counter()
-    result = conceptedit.apply(_recipe(concepts, edit), pipeline=pipe, out=run_dir, quiet=True)
+    result = conceptedit.apply(_recipe(concepts, edit, model), pipeline=pipe, out=run_dir, quiet=True)
     return Applied(pipe, result.outcomes, time.perf_counter() - started)
 
 
@@ -470,7 +494,12 @@ def _slug(text: str) -> str:
 
 
 def tune(
-    targets: Iterable[str], seeds: int, stage: int, only: Sequence[str] = (), pick: Sequence[int] = ()
+    targets: Iterable[str],
+    seeds: int,
+    stage: int,
+    only: Sequence[str] = (),
+    pick: Sequence[int] = (),
+    model: str = MODEL,
 ) -> dict[str, Any]:
     """TRCE's settings against the tuning split only: stage 1's η and token rows (``stage`` 1), or
     stage 2's steps and learning rate on the stage 1 of :data:`TRCE` (``stage`` 2), or each
@@ -485,7 +514,7 @@ def tune(
     else:
         grid = [(name, knob) for name, knobs in PEER_GRID.items() for knob in knobs if not only or name in only]
     grid = [grid[i] for i in pick] if pick else grid
-    base = conceptedit.load_model("builtin:shapes").pipeline
+    base = conceptedit.load_model(model).pipeline
     base_kept = {t: _tuning_metrics(base, t, TARGETS[t], seeds)[1]["both_correct"] for t in targets}
     try:
         for method, settings in grid:
@@ -511,7 +540,7 @@ def tune(
                     if not edit:
                         continue
                 applied = apply_edit(
-                    concept_sets(target, anchor, chosen["pairs"]), edit, work / f"t{len(trials)}-{target}"
+                    concept_sets(target, anchor, chosen["pairs"]), edit, work / f"t{len(trials)}-{target}", model
                 )
                 tuning, nb, preserve = _tuning_metrics(applied.pipeline, target, anchor, seeds)
                 scores.append(
@@ -534,6 +563,7 @@ def tune(
         for m in dict.fromkeys(t["method"] for t in trials)
     }
     return {
+        "model": model,
         "split": "shapes-tuning, shapes-tuning-neighbours",
         "seeds": seeds,
         "stage": stage,
@@ -579,6 +609,8 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"edit": label, "targets": len(mine)}
         pooled = ("erased_strict", "erased_nearest", "anchor_reached", "phrasings_erased_strict", "kept_accuracy")
         for key in (*pooled, "asr_gradient", "asr_random"):
+            if not all(key in r for r in mine):
+                continue
             k = sum(r[key]["rate"] * r[key]["n"] for r in mine)
             n = sum(r[key]["n"] for r in mine)
             entry[key] = {"mean": sum(r[key]["rate"] for r in mine) / len(mine), **Rate.of(round(k), int(n)).as_dict()}
@@ -620,8 +652,17 @@ def mix_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def render(result: dict[str, Any]) -> str:
     pct = _pct
     lines = [
-        "# Erasure on builtin:shapes (held-out contexts, strict judge)",
+        f"# Erasure on {result.get('model', MODEL)} (held-out contexts, strict judge)",
         "",
+        *(
+            []
+            if result.get("attacks", True)
+            else [
+                "Attacks not measured: this backbone's adapter refuses token-embedding attacks (SDXL: two "
+                "embedding tables of different widths, and no pooled embedding for a soft prompt).",
+                "",
+            ]
+        ),
         f"{result['seeds']} seeds per prompt; {result['sampler']}; targets (anchor): "
         + ", ".join(f"{t} ({a})" for t, a in result["targets"].items())
         + ". Settings chosen on the tuning split only ("
@@ -643,7 +684,7 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"| {s['edit']} | {pct(s['erased_strict'])} | {pct(s['erased_nearest'])} | {pct(s['anchor_reached'])} | "
             f"{pct(s['phrasings_erased_strict'])} | {s['kept_relative']:.1%} | {_num(s['hue_drift_mean'])} | "
-            f"{pct(s['asr_gradient'])} | {pct(s['asr_random'])} |"
+            f"{pct(s.get('asr_gradient'))} | {pct(s.get('asr_random'))} |"
         )
     lines += [
         "",
@@ -669,6 +710,8 @@ def render(result: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     for target, chance in result["chance"].items():
+        if not chance:  # attacks not measured on this backbone
+            continue
         lines.append(
             f"| {target} | {pct(_interval(chance['chance_gradient'], 'attack_success_rate'))} | "
             f"{pct(_interval(chance['chance_random'], 'attack_success_rate'))} |"
@@ -687,12 +730,14 @@ def render(result: dict[str, Any]) -> str:
             f"{pct(r['phrasings_erased_strict'])} | {pct(r['edit_prompts_erased_strict'])} | "
             f"{pct(r['kept_accuracy'])} | "
             f"{r['kept_relative']:.1%} | {_num(r['hue_drift_mean'])}/{_num(r['hue_drift_max'])} | "
-            f"{pct(r['asr_gradient'])} | {pct(r['asr_random'])} | {r['edit_seconds']} |"
+            f"{pct(r.get('asr_gradient'))} | {pct(r.get('asr_random'))} | {r['edit_seconds']} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _pct(rate: dict[str, float]) -> str:
+def _pct(rate: dict[str, float] | None) -> str:
+    if rate is None:
+        return "not run"
     return f"{rate['rate']:.0%} [{rate['low']:.0%}, {rate['high']:.0%}] n={rate['n']:.0f}"
 
 
@@ -704,7 +749,7 @@ def _print(r: dict[str, Any]) -> None:
     print(
         f"{r['target']:>7} | {r['edit']:<28} erased {_pct(r['erased_strict'])}  kept {r['kept_relative']:.1%}  "
         f"anchor {r['anchor_reached']['rate']:.0%}  drift {_num(r['hue_drift_mean'])}  "
-        f"UDA {r['asr_gradient']['rate']:.0%}  random {r['asr_random']['rate']:.0%}",
+        f"UDA {_pct(r.get('asr_gradient'))}  random {_pct(r.get('asr_random'))}",
         flush=True,
     )
 
@@ -723,7 +768,7 @@ def frontier(result: dict[str, Any], path: Path) -> None:
     plot(
         points,
         path,
-        "builtin:shapes: erased on held-out contexts (strict) vs kept, mean over targets",
+        f"{result.get('model', MODEL)}: erased on held-out contexts (strict) vs kept, mean over targets",
         "kept: accuracy on neighbours and other prompts, relative to the base model",
         "erased (held-out contexts, strict)",
     )
@@ -746,6 +791,7 @@ def parse_args(doc: str, tune: tuple[int, ...] = (1, 2, 3), tune_help: str = "")
         "--grid", nargs="+", type=int, default=[], help="with --tune: only these grid entries (0-based)"
     )
     parser.add_argument("--stem", default="erasure_shapes", help="results file name stem")
+    parser.add_argument("--model", choices=MODELS, default=MODEL, help="the shapes-world model to erase from")
     parser.add_argument(
         "--merge", nargs="+", default=[], help="combine these result stems (runs split by target) into --stem"
     )
@@ -782,7 +828,8 @@ def main() -> None:
     if args.tune:
         picked = [f"g{i}" for i in args.grid]
         stem = f"{args.stem}_tuning{args.tune}_{'_'.join([*args.edits, *picked, *args.targets])}"
-        write_results(args.out, stem, tune(args.targets, args.seeds, args.tune, args.edits, args.grid))
+        tuned = tune(args.targets, args.seeds, args.tune, args.edits, args.grid, args.model)
+        write_results(args.out, stem, tuned)
         return
     if args.merge:
         result = merge([args.out / f"{s}.json" for s in args.merge])
@@ -793,6 +840,7 @@ def main() -> None:
             args.out,
             args.edits,
             save=lambda partial: write_results(args.out, args.stem, partial),
+            model=args.model,
         )
     write_results(args.out, args.stem, result, render(result))
     frontier(result, args.out / f"{args.stem}_frontier.png")

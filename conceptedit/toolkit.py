@@ -5,25 +5,27 @@ else, so a third-party method has every tool a built-in has. Grouped by hook poi
 
 * prompt encoding: token-row choices (:func:`select_rows`, :func:`aligned_rows`, ...);
 * attention edit: the erase-toward-guide problem (:func:`erase_edit`) and the parameters of a
-  method built on it (:class:`ErasureParams`, whose ``erase_edit`` makes that edit), closed-form
-  adversarial inputs (:func:`matching_inputs`), the preservation prior (:func:`embedding_prior`)
+  method built on it (:class:`ErasureParams`, whose ``erase_edit`` makes that edit), the linear maps
+  an edit solves on (:func:`text_maps`: every layer's ``to_k``/``to_v``, FLUX's ``context_embedder``,
+  or the maps of the pooled vector), closed-form adversarial inputs (:func:`matching_inputs`), the
+  preservation prior (:func:`embedding_prior`)
   and caption files (:func:`read_prompts`); for null-space edits (``KVEdit.projector``), the
   projector onto a kept set's low-energy directions (:func:`null_space_projector` of a
   :func:`second_moment`), k-means representatives of invariant rows (:func:`kmeans_centers`),
   the solver's closed form itself (:func:`null_space_delta`) and the one map ``W' = W M`` of an
   unconstrained edit (:func:`edit_map`, e.g. to rank inputs by how much an erasure moves them);
 * trajectory loss: cached or fresh DDIM latents (:func:`sample_planned`, :func:`partial_ddim`),
-  training plans and timestep samplers, named parameter sets, seeds; forward diffusion
-  (:func:`add_noise`) and the true target in the scheduler's prediction type (:func:`training_target`:
-  ε, or v on SD-2.x 768; :func:`output_from_noise` for latents known by ``x_t``;
+  training plans and timestep samplers, named parameter sets, seeds; the forward process
+  (:func:`add_noise`) and the true target in the model's prediction type (:func:`training_target`:
+  ε, v on SD-2.x 768, the flow velocity on FLUX; :func:`output_from_noise` for latents known by ``x_t``;
   :func:`output_per_noise` to read output differences in ε units); ESD's negative-guidance
   latents and target for methods built on ESD (:class:`NegativeGuidance`); APG's normalised
   guidance and STEREO's compositional sum of it, for training targets (:func:`normalized_guidance`,
   :func:`normalized_update`, :func:`compositional_guidance`);
 * inference time: the denoising state a guard reads (:func:`denoising_state`);
-* outside a run: the Stable Diffusion adapters (:class:`StableDiffusionAdapter`, SDXL's
-  :class:`StableDiffusionXLAdapter`), to encode prompts or call the UNet of a pipeline directly
-  (tests, evaluators);
+* outside a run: the backbone adapters (:class:`StableDiffusionAdapter`, SDXL's
+  :class:`StableDiffusionXLAdapter`, FLUX's :class:`FluxAdapter`), to encode prompts or call the
+  denoiser of a pipeline directly (tests, evaluators);
 * concept sources: today's (concept × template) expansion (:func:`template_pairs`) and the shapes
   world's caption grammar by parts (:func:`shapes_caption`, :class:`ShapesContext`,
   :func:`sample_shapes_context`, :func:`mentions_phrase`), with the phrasings a recipe may name
@@ -63,6 +65,7 @@ from conceptedit.data.labels import NUDENET_EXPOSED
 from conceptedit.data.prompt_files import PromptFileError, local_copy, read_prompts, read_rows, resolve_prompt_file
 from conceptedit.data.sources import PromptSource
 from conceptedit.engine.context import default_cache_dir, derive_seed
+from conceptedit.engine.edits import text_maps
 from conceptedit.engine.erase import ErasureParams, erase_edit
 from conceptedit.engine.guards import DenoisingState, denoising_state
 from conceptedit.engine.guidance import (
@@ -84,7 +87,6 @@ from conceptedit.engine.priors import embedding_prior
 from conceptedit.engine.rows import RowSelection, aligned_rows, encoding_length, select_rows
 from conceptedit.engine.schedules import (
     DrawCounter,
-    add_noise,
     alphas_cumprod,
     compvis_latent_steps,
     draw_pairs,
@@ -97,7 +99,14 @@ from conceptedit.engine.trajectories import PlannedLatents, ddim_timesteps, part
 from conceptedit.evaluation.metrics import attack_metrics, change_metrics, fid_from_features
 from conceptedit.evaluation.stats import Rate, wilson_interval
 from conceptedit.models.backbone import StableDiffusionAdapter
-from conceptedit.models.prediction import output_from_noise, output_per_noise, prediction_type, training_target
+from conceptedit.models.flux import FluxAdapter
+from conceptedit.models.prediction import (
+    add_noise,
+    output_from_noise,
+    output_per_noise,
+    prediction_type,
+    training_target,
+)
 from conceptedit.models.sdxl import StableDiffusionXLAdapter
 from conceptedit.models.tokenizer import clean_prompt
 from conceptedit.recipe.concepts import template_pairs
@@ -140,6 +149,7 @@ __all__ = [
     "ErasureParams",
     "EsdSample",
     "EsdUnetParams",
+    "FluxAdapter",
     "MomentumBuffer",
     "NegativeGuidance",
     "NegativeGuidanceParams",
@@ -220,6 +230,7 @@ __all__ = [
     "shapes_overlap_problems",
     "shapes_prompt_sets",
     "template_pairs",
+    "text_maps",
     "training_target",
     "uniform_timesteps",
     "wilson_interval",

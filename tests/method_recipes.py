@@ -148,19 +148,24 @@ METHODS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
 
 
 def declared_tensors(spec: Any, adapter: Any) -> set[str]:
-    """The base tensors a method says it may change: its trainable set, or the K/V projections it solves."""
+    """The base tensors a method says it may change: its trainable set, or the K/V projections it solves
+    (with FLUX's maps of the pooled vector)."""
     method = spec.build()
     if method.kind == "training":
         return set(method.trainable_parameters(SimpleNamespace(adapter=adapter)))
     if method.kind == "closed_form":
-        return {layer.parameter_name(w) for layer in adapter.cross_attention_layers() for w in ("k", "v")}
+        layers = [*adapter.cross_attention_layers(), *adapter.pooled_layers()]
+        return {layer.parameter_name(w) for layer in layers for w in ("k", "v")}
     return set()
 
 
 def sample_images(pipe: Any) -> np.ndarray:
+    """A fixed-seed 64 px sample (every tiny model's native size; FLUX's pipeline would default to 1024 px)."""
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
-    return pipe("a cat in a garden", num_inference_steps=2, generator=generator, output_type="np").images
+    return pipe(
+        "a cat in a garden", num_inference_steps=2, height=64, width=64, generator=generator, output_type="np"
+    ).images
 
 
 @dataclass

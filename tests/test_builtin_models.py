@@ -79,7 +79,16 @@ def test_sd14_random_has_sd14_sizes() -> None:
 
 
 def test_registry() -> None:
-    assert set(BUILTIN_MODELS) == {"tiny-sd", "tiny-sd2", "tiny-sdxl", "sd14-random", "sdxl-random", "shapes"}
+    assert set(BUILTIN_MODELS) == {
+        "tiny-sd",
+        "tiny-sd2",
+        "tiny-sdxl",
+        "tiny-flux",
+        "sd14-random",
+        "sdxl-random",
+        "shapes",
+        "shapes-xl",
+    }
     for name, model in BUILTIN_MODELS.items():
         assert model.name == name and model.description and callable(model.build)
     assert BUILTIN_MODELS["tiny-sd"].build is build_tiny_sd

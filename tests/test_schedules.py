@@ -18,6 +18,7 @@ from conceptedit.engine.selectors import select_parameter_set
 from conceptedit.errors import TrainingError
 from conceptedit.models.backbone import StableDiffusionAdapter
 from conceptedit.models.builtin import build_tiny_sd
+from conceptedit.models.prediction import add_noise
 from conceptedit.recipe.loader import load_recipe
 from conceptedit.testing import edit_context, isolated_host, tiny_recipe
 
@@ -121,7 +122,7 @@ def test_add_noise_is_ddpm_forward_diffusion() -> None:
     x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([0, 500, 999])
     expected = DDPMScheduler.from_config(config).add_noise(x0, eps, t)
-    torch.testing.assert_close(schedules.add_noise(schedules.alphas_cumprod(config), x0, eps, t), expected)
+    torch.testing.assert_close(add_noise(schedules.alphas_cumprod(config), x0, eps, t), expected)
 
 
 def test_planned_latents_are_a_hand_run_ddim_with_a_finished_latent(tmp_path: Path) -> None:

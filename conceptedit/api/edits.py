@@ -132,9 +132,13 @@ class KVEdit:
             constraints ``ΔΠ e = 0``, solved with Lagrange multipliers); needs ``ridge > 0``.
         invariant_ridge: ``μ`` added to the diagonal of the multipliers' ``E x E`` system;
             0 keeps the invariant rows exactly, ``μ > 0`` loosens them (SPEED's ``lamb``).
-        projections: Which projections to edit: ``"k"``, ``"v"`` or both.
+        projections: Which projections to edit: ``"k"``, ``"v"`` or both (on FLUX one linear map
+            carries both, so only both).
         layers: Names of cross-attention layers to edit (default: all of them).
         label: Shown in progress output and errors.
+        stream: What ``keys`` are: ``rows``, text rows, solved on every cross-attention layer's
+            maps; ``pooled``, pooled text vectors (``PromptEncoding.pooled``), solved on the maps
+            that read the pooled vector alone (``BackboneAdapter.pooled_layers``: FLUX's).
     """
 
     keys: Tensor
@@ -153,6 +157,7 @@ class KVEdit:
     projections: tuple[str, ...] = ("k", "v")
     layers: Sequence[str] | None = None
     label: str = "kv-edit"
+    stream: Literal["rows", "pooled"] = "rows"
 
     @property
     def constrained(self) -> bool:
@@ -160,7 +165,7 @@ class KVEdit:
         return self.projector is not None or self.projector_fn is not None or self.invariant is not None
 
     def validate(self, dim: int) -> None:
-        """Check shapes and options against the text-embedding width ``dim``."""
+        """Check shapes and options against the width ``dim`` of the text rows (or pooled vectors)."""
         if self.keys.ndim != 2 or self.keys.shape[1] != dim:
             raise EditError(f"{self.label}: keys must be [N, {dim}], got {tuple(self.keys.shape)}")
         n = self.keys.shape[0]
@@ -178,6 +183,8 @@ class KVEdit:
             raise EditError(f"{self.label}: prior must be [{dim}, {dim}], got {tuple(self.prior.shape)}")
         if not set(self.projections) <= {"k", "v"} or not self.projections:
             raise EditError(f"{self.label}: projections must be a non-empty subset of ('k', 'v')")
+        if self.stream not in ("rows", "pooled"):
+            raise EditError(f"{self.label}: stream must be 'rows' or 'pooled', got {self.stream!r}")
         if self.projector is not None and self.projector_fn is not None:
             raise EditError(f"{self.label}: give at most one of projector or projector_fn")
         if self.projector is not None and tuple(self.projector.shape) != (dim, dim):

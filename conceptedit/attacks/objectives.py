@@ -11,7 +11,7 @@ from torch import Tensor
 
 from conceptedit.api.adversary import Objective
 from conceptedit.api.backbone import BackboneAdapter
-from conceptedit.models.prediction import training_target
+from conceptedit.models.prediction import add_noise, training_target
 
 
 def denoising_objective(
@@ -19,9 +19,10 @@ def denoising_objective(
 ) -> Objective:
     """The diffusion loss of images of the concept under the attacked prompt (UnlearnDiffAtk, textual
     inversion, CCE): each call draws one of ``clean``'s latents ``[N, C, H, W]``, a timestep and a
-    noise from ``generator``, noises the latent as ``√ᾱ_t x₀ + √(1−ᾱ_t) ε`` (``alphas`` = ᾱ) and
-    returns ``‖ε_θ(x_t, t, hidden) − ε‖²`` (mean), in the model's prediction type (``‖v_θ − v‖²``
-    for a v-prediction model). Lower when the prompt makes the model draw them."""
+    noise from ``generator``, noises the latent by the model's forward process (``√ᾱ_t x₀ + √(1−ᾱ_t) ε``,
+    ``alphas`` = ᾱ; ``(1 − σ_t) x₀ + σ_t ε`` for a flow model) and returns ``‖ε_θ(x_t, t, hidden) − ε‖²``
+    (mean), in the model's prediction type (``‖v_θ − v‖²`` for a v-prediction or flow model). Lower
+    when the prompt makes the model draw them."""
     steps = alphas.shape[0]
     prediction = adapter.prediction_type
 
@@ -30,8 +31,7 @@ def denoising_objective(
         t = torch.randint(0, steps, (1,), generator=generator)
         x0 = clean[pick : pick + 1].float()
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        a = alphas[t].to(x0.device).reshape(1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        noisy = add_noise(alphas, x0, noise, t, prediction=prediction)
         predicted = adapter.predict_noise(noisy, t.to(x0.device), hidden)
         target = training_target(alphas, x0, noise, t, prediction=prediction)
         return torch.nn.functional.mse_loss(predicted.float(), target)

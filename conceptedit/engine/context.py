@@ -207,7 +207,7 @@ class EditContext:
         micro-batch's worth however large the batch, for one extra forward per call. Gradient
         checkpointing then shrinks that one call's activations further.
         """
-        unet = None if frozen else self.run.training_modules.get("unet")
+        unet = None if frozen else self.run.training_modules.get(self.adapter.denoiser_name)
         size = getattr(self.training_config, "micro_batch", None) or latents.shape[0]
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])

@@ -10,10 +10,12 @@ the first unfinished entry.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from conceptedit.api.backbone import BackboneAdapter
 from conceptedit.api.edits import KVEdit
@@ -119,22 +121,38 @@ def _execute(
 
 
 def apply_kv_edit(ctx: EditContext, edit: KVEdit) -> list[str]:
-    """Solve ``edit`` for each selected projection and write the new weights; returns their names."""
-    layers = ctx.cross_attention_layers()
-    if edit.layers is not None:
-        wanted = set(edit.layers)
-        unknown = wanted - {layer.name for layer in layers}
-        if unknown:
-            raise EditError(f"{edit.label}: no cross-attention layer named {sorted(unknown)[0]!r}")
-        layers = [layer for layer in layers if layer.name in wanted]
-    solver = KVSolver(edit, ctx.adapter.text_dim)
-    names = []
-    jobs = [(layer, which) for layer in layers for which in edit.projections]
+    """Solve ``edit`` for each selected linear map and write the new weights; returns their names."""
+    jobs = text_maps(ctx.adapter, edit.projections, edit.stream, edit.layers, label=edit.label)
+    dim = ctx.adapter.text_dim if edit.stream == "rows" else jobs[0][1].in_features
+    solver = KVSolver(edit, dim)
     with ctx.progress.task(f"{ctx.label}: solve {edit.label}", len(jobs)) as bar:
-        for layer, which in jobs:
-            name = layer.parameter_name(which)
-            weight = layer.projection(which).weight
-            ctx.run.ledger.set(name, solver.solve(name, weight))
-            names.append(name)
+        for name, linear in jobs:
+            ctx.run.ledger.set(name, solver.solve(name, linear.weight))
             bar.advance()
-    return names
+    return [name for name, _ in jobs]
+
+
+def text_maps(
+    adapter: BackboneAdapter,
+    projections: Sequence[str],
+    stream: Literal["rows", "pooled"] = "rows",
+    layers: Sequence[str] | None = None,
+    *,
+    label: str = "edit",
+) -> list[tuple[str, nn.Linear]]:
+    """The linear maps a K/V edit of ``projections`` solves on, by their weight's full name.
+
+    ``rows``: the maps of every cross-attention layer (``layers`` picks some by name); ``pooled``:
+    the adapter's maps of the pooled vector. A map carrying several of the projections (FLUX's
+    ``context_embedder`` feeds keys and values alike) is listed once.
+    """
+    found = adapter.cross_attention_layers() if stream == "rows" else adapter.pooled_layers()
+    if not found:
+        raise EditError(f"{label}: this backbone ({adapter.family}) has no linear maps of the pooled vector")
+    if layers is not None:
+        wanted = set(layers)
+        unknown = wanted - {layer.name for layer in found}
+        if unknown:
+            raise EditError(f"{label}: no cross-attention layer named {sorted(unknown)[0]!r}")
+        found = [layer for layer in found if layer.name in wanted]
+    return [job for layer in found for job in layer.linear_maps(projections)]

@@ -54,8 +54,10 @@ def erase_edit(
     technique: Technique = "replace",
     projections: Sequence[str] = ("k", "v"),
     label: str = "erase",
+    stream: Literal["rows", "pooled"] = "rows",
 ) -> KVEdit:
-    """The K/V edit moving each erase row's outputs to its guide's (see the module docstring)."""
+    """The K/V edit moving each erase row's outputs to its guide's (see the module docstring);
+    ``stream="pooled"`` when the rows are pooled vectors (FLUX's pooled projection)."""
     if keys.shape != guides.shape:
         raise EditError(f"{label}: {tuple(keys.shape)} erase rows but {tuple(guides.shape)} guide rows")
     if erase_scale <= 0:
@@ -79,6 +81,7 @@ def erase_edit(
         ridge=ridge,
         projections=tuple(projections),
         label=label,
+        stream=stream,
     )
 
 
@@ -122,7 +125,14 @@ class ErasureParams(MethodParams):
         return self
 
     def erase_edit(
-        self, keys: Tensor, guides: Tensor, preserve: Tensor | None, *, label: str, preserve_scale: float | None = None
+        self,
+        keys: Tensor,
+        guides: Tensor,
+        preserve: Tensor | None,
+        *,
+        label: str,
+        preserve_scale: float | None = None,
+        stream: Literal["rows", "pooled"] = "rows",
     ) -> KVEdit:
         """:func:`erase_edit` of ``keys`` toward ``guides`` with these settings.
 
@@ -133,6 +143,7 @@ class ErasureParams(MethodParams):
             label: The edit's name in logs.
             preserve_scale: s_p to use instead of ``self.preserve_scale`` (RECE counts its
                 preserve prompts once per concept).
+            stream: ``pooled`` when the rows are the prompts' pooled vectors (FLUX).
         """
         return erase_edit(
             keys,
@@ -144,4 +155,5 @@ class ErasureParams(MethodParams):
             technique=self.technique,
             projections=self.projections,
             label=label,
+            stream=stream,
         )

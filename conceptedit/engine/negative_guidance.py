@@ -17,12 +17,14 @@ each other, so what both need lives here:
   (:meth:`~NegativeGuidance.sample`) and computes the target (:meth:`~NegativeGuidance.target`);
 * :data:`ESD_PARAMETER_SETS`: ESD's names for the engine's parameter sets.
 
-**Prediction types.** ``ε`` here is whatever the UNet outputs: ε for SD-1.x, v for SD-2.x at 768 px.
-The target needs no conversion: at a fixed ``x_t`` an output is an affine function of the noise
-it implies, ``v = ε/α_t − (σ_t/α_t) x_t``, and the target's weights on the outputs,
-``(1 + η)`` on ∅ and ``−η`` on ``c``, sum to one, so the v-target is exactly the v of the ε-target
-and ``‖v_θ − v*‖² = ‖ε_θ − ε*‖² / ᾱ_t`` (the same minimiser, a per-timestep loss weight). The
-latents come from DDIM, which reads the prediction type from the pipeline's scheduler config.
+**Prediction types.** ``ε`` here is whatever the denoiser outputs: ε for SD-1.x, v for SD-2.x at
+768 px, the flow velocity ``ε − x₀`` for FLUX. The target needs no conversion: at a fixed ``x_t`` an
+output is an affine function of the noise it implies (``v = ε/α_t − (σ_t/α_t) x_t``; for flow,
+``v = (ε − x_t)/(1 − σ_t)``), and the target's weights on the outputs, ``(1 + η)`` on ∅ and ``−η``
+on ``c``, sum to one, so the v-target is exactly the v of the ε-target and the loss is the ε-space
+loss times ``k_t²`` (``1/ᾱ_t``, or ``1/(1 − σ_t)²`` for flow): the same minimiser, a per-timestep
+weight. The latents come from the adapter's sampler (DDIM reading the prediction type from the
+pipeline's scheduler config, or FLUX's flow Euler), at the sampler's own timesteps.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from conceptedit.api.context import EditContext
 from conceptedit.api.params import MethodParams
 from conceptedit.engine.schedules import DrawCounter, compvis_latent_steps, draw_pairs, legacy_compvis_timesteps
 from conceptedit.engine.trajectories import PlannedLatents, ddim_timesteps, partial_ddim, sample_planned, seeded_noise
+from conceptedit.errors import EditError
 
 #: ESD's parameter sets, by the names the papers and code use, as engine parameter sets.
 ESD_PARAMETER_SETS = {
@@ -136,6 +139,11 @@ class NegativeGuidance:
         # Which latent each draw reads: (trajectory, DDIM steps from noise).
         self.latent_plan = self.plan.clone()
         self.compvis_t: Tensor | None = None
+        if p.timestep_pairing == "compvis" and ctx.adapter.prediction_type == "flow":
+            raise EditError(
+                "timestep_pairing: compvis reproduces the CompVis ESD script's DDIM timesteps, which a flow-matching "
+                f"model ({ctx.adapter.family}) does not have; use timestep_pairing: exact"
+            )
         if p.timestep_pairing == "compvis":
             train_steps = int(ctx.pipeline.scheduler.config.num_train_timesteps)
             self.compvis_t = legacy_compvis_timesteps(self.plan[:, 1], p.sampling_steps, g, train_steps)

@@ -5,10 +5,10 @@ trajectory latents to sample, and a resumed run redraws the same plan), then rea
 per micro-batch. The pieces here are that plan, the counter that turns (step, micro-batch)
 into a draw index, the timestep samplers, and the forward-diffusion noising of clean latents.
 
-What a noised latent should be denoised *to* depends on the scheduler's prediction type (ε for
-SD-1.x, v for SD-2.x 768): :func:`conceptedit.models.prediction.training_target` (in the toolkit
-beside :func:`add_noise`) is the one place that says it; it lives with the adapter because the
-attacks' denoising objective, left of the engine, needs it too.
+How a clean latent is noised and what the noised latent should be denoised *to* depend on the
+prediction type (ε for SD-1.x, v for SD-2.x 768, flow for FLUX): :mod:`conceptedit.models.prediction`
+(``add_noise`` and ``training_target``) is the one place that says it; it lives
+with the adapter because the attacks' denoising objective, left of the engine, needs it too.
 """
 
 from __future__ import annotations
@@ -111,10 +111,3 @@ def alphas_cumprod(scheduler_config: Mapping[str, object]) -> Tensor:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(dict(scheduler_config)).alphas_cumprod.float()
-
-
-def add_noise(alphas: Tensor, clean: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """Forward diffusion ``√ᾱ_t x₀ + √(1−ᾱ_t) ε`` (``alphas`` from :func:`alphas_cumprod`). The loss on such a
-    latent compares the model's output to ``training_target(alphas, x₀, ε, t, prediction=...)``, not to ``ε``."""
-    a = alphas.to(clean.device)[timesteps.to(clean.device)].reshape(-1, *([1] * (clean.ndim - 1)))
-    return a.sqrt() * clean.float() + (1 - a).sqrt() * noise.float()

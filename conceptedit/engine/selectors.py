@@ -1,4 +1,5 @@
-"""Choosing parameters by name: the trainable subsets training methods declare."""
+"""Choosing parameters by name: the trainable subsets training methods declare (each backbone adapter
+names its denoiser's sets, ``BackboneAdapter.parameter_sets``)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from conceptedit.errors import TrainingError
 
 
 def select_parameters(
-    adapter: BackboneAdapter, include: Sequence[str], exclude: Sequence[str] = (), component: str = "unet"
+    adapter: BackboneAdapter, include: Sequence[str], exclude: Sequence[str] = (), component: str | None = None
 ) -> list[str]:
-    """Full names of ``component`` parameters containing any ``include`` substring and no ``exclude`` one.
+    """Full names of ``component`` parameters (default: the denoiser's) containing any ``include``
+    substring and no ``exclude`` one.
 
     Raises:
         TrainingError: when nothing matches (a typo would otherwise train nothing).
     """
+    component = component or adapter.denoiser_name
     prefix = component + "."
     names = [
         name
@@ -29,42 +32,25 @@ def select_parameters(
     return names
 
 
-#: Named parameter sets of the published training methods, over diffusers UNet names. Each maps
-#: to (include, exclude) substrings of full names; ``None`` includes every UNet parameter.
-PARAMETER_SETS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
-    # ESD-x / the original ESD code's "xattn": every parameter of the cross-attention blocks.
-    "cross_attention": ((".attn2.",), ()),
-    # ESD-x-strict / Concept Ablation's "cross-attn": cross-attention keys and values only.
-    "cross_attention_kv": ((".attn2.to_k.", ".attn2.to_v."), ()),
-    # ESD-u / the original ESD code's "noxattn": all but cross-attention, the time embedding and
-    # the output head (CompVis ``time_embed`` and ``out.*`` are diffusers' ``time_embedding``,
-    # ``conv_norm_out`` and ``conv_out``).
-    "non_cross_attention": (None, (".attn2.", "unet.time_embedding.", "unet.conv_norm_out.", "unet.conv_out.")),
-    # Concept Ablation's "attn": query/key/value/output projections of self- and cross-attention.
-    "attention": (
-        tuple(f".{a}.{p}." for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out")),
-        (),
-    ),
-    "full": (None, ()),
-}
-
-
 def select_parameter_set(adapter: BackboneAdapter, name: str) -> list[str]:
-    """Full names of the UNet parameters in the named set (see :data:`PARAMETER_SETS`).
+    """Full names of the denoiser parameters in the named set, as the adapter defines its sets
+    (``BackboneAdapter.parameter_sets``: the UNet's names for SD and SDXL, FLUX's transformer's).
 
     Raises:
         TrainingError: for an unknown name or a set the model has no parameters for.
     """
-    if name not in PARAMETER_SETS:
-        raise TrainingError(f"unknown parameter set {name!r}; use one of {', '.join(PARAMETER_SETS)}")
-    include, exclude = PARAMETER_SETS[name]
+    sets = adapter.parameter_sets()
+    if name not in sets:
+        raise TrainingError(f"unknown parameter set {name!r}; use one of {', '.join(sets)}")
+    include, exclude = sets[name]
+    prefix = adapter.denoiser_name + "."
     names = [
         full
         for full, _ in adapter.named_parameters()
-        if full.startswith("unet.")
+        if full.startswith(prefix)
         and (include is None or any(part in full for part in include))
         and not any(part in full for part in exclude)
     ]
     if not names:
-        raise TrainingError(f"parameter set {name!r} matches no UNet parameter of this model")
+        raise TrainingError(f"parameter set {name!r} matches no {adapter.denoiser_name} parameter of this model")
     return names

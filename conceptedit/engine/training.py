@@ -147,7 +147,7 @@ def _train_loop(
     if config.park_idle_modules:
         pipeline_modules = getattr(run.pipeline, "components", {})
         # The denoiser runs every step even when only the text encoder trains (AdvUnlearn): never idle.
-        running = {*components, "unet"}
+        running = {*components, adapter.denoiser_name}
         idle = {k: m for k, m in pipeline_modules.items() if isinstance(m, nn.Module) and k not in running}
     with (
         ParkedModules(idle) as parked,

@@ -15,9 +15,12 @@ sample with the model being trained (ESD's paper setting) call :func:`partial_dd
 :class:`PlannedLatents` pairs a training plan (:mod:`conceptedit.engine.schedules`) with the
 latents it reads.
 
-The sampler's DDIM is built from the pipeline's scheduler config, ``prediction_type`` included, so
-``scheduler.step`` reads the model's output as ε or as v (SD-2.x 768) as the model was trained;
-classifier-free guidance combines outputs with weights summing to one, valid in either.
+The sampler is the adapter's (``BackboneAdapter.sampler``): DDIM (η = 0) built from the pipeline's
+scheduler config, ``prediction_type`` included, so ``scheduler.step`` reads the model's output as ε
+or as v (SD-2.x 768) as the model was trained; on FLUX the pipeline's own flow-matching Euler
+sampler on the same sigmas. Classifier-free guidance combines outputs with weights summing to one,
+valid in every prediction type. Timesteps keep the sampler's dtype (integers for DDIM, the flow
+sampler's fractional ``1000 σ``).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class TrajectoryLatents:
     """Kept latents: ``latents[i]`` is trajectory ``index[i, 0]`` before DDIM step ``index[i, 1]``."""
 
     latents: Tensor  # [M, C, H, W], float16
-    timesteps: Tensor  # [M], int64: the timestep each latent belongs to
+    timesteps: Tensor  # [M]: the timestep each latent belongs to (int64 for DDIM, float for the flow sampler)
     index: Tensor  # [M, 2], int64: (trajectory, step)
     sampled: bool  # False when read from the cache
 
@@ -75,18 +78,9 @@ class TrajectoryLatents:
 
 
 def ddim_timesteps(ctx: EditContext, steps: int) -> Tensor:
-    """The DDIM timesteps (high to low) of the pipeline's noise schedule for ``steps`` steps."""
-    return _scheduler(ctx, steps).timesteps.clone()
-
-
-def _scheduler(ctx: EditContext, steps: int):
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(
-        ctx.adapter.pipeline.scheduler.config, clip_sample=False, set_alpha_to_one=False
-    )
-    scheduler.set_timesteps(steps)
-    return scheduler
+    """The sampler's timesteps (high to low) for ``steps`` steps: DDIM's on the pipeline's noise schedule
+    (the flow sampler's on FLUX)."""
+    return ctx.adapter.sampler(steps).timesteps.clone()
 
 
 def _cache_key(ctx: EditContext, request: TrajectoryRequest, shape: tuple[int, ...]) -> str:
@@ -146,7 +140,7 @@ def sample_trajectories(ctx: EditContext, request: TrajectoryRequest, label: str
     with_final = torch.cat([timesteps, timesteps.new_zeros(1)])
     result = TrajectoryLatents(
         latents=torch.stack(kept_latents) if kept_latents else torch.zeros(0, *shape, dtype=torch.float16),
-        timesteps=with_final[index[:, 1]].long() if len(index) else torch.zeros(0, dtype=torch.long),
+        timesteps=with_final[index[:, 1]] if len(index) else torch.zeros(0, dtype=timesteps.dtype),
         index=index,
         sampled=True,
     )
@@ -170,16 +164,16 @@ def ddim_walk(
     may equal ``steps``: the finished latent. The one sampler behind cached trajectories and
     methods that sample with the model being trained.
     """
-    scheduler = _scheduler(ctx, steps)
+    scheduler = ctx.adapter.sampler(steps)
     timesteps = scheduler.timesteps
-    latents = noise * scheduler.init_noise_sigma
+    latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow samplers start from unit noise (σ = 1)
     for k in range(last + 1):
         yield k, latents
         if k == last:
             return
         t = timesteps[k]
-        output = _guided_noise(ctx, latents, t, cond, empty, guidance)  # ε or v: the scheduler knows which
-        latents = scheduler.step(output, t, latents, eta=0.0).prev_sample
+        output = _guided_noise(ctx, latents, t, cond, empty, guidance)  # ε, v or flow: the scheduler knows which
+        latents = scheduler.step(output, t, latents).prev_sample  # DDIM's default η is 0
 
 
 def partial_ddim(

@@ -59,7 +59,7 @@ def render(
     """One image and its final latent per prompt, in order, each from its own seed (and guidance,
     unless ``guidance`` is set)."""
     adapter = resolve_backbone(pipeline, host.registry.backbones)
-    dtype = pipeline.unet.dtype
+    dtype = adapter.dtype
     images: list[Image.Image] = []
     latents: list[Tensor] = []
     start = 0
@@ -111,7 +111,7 @@ class _PipelineModel:
         images, latents = sample(
             self.pipeline,
             self.adapter,
-            hidden.to(self.pipeline.unet.dtype),
+            hidden.to(self.adapter.dtype),
             [seed],
             steps=self.steps,
             guidance=guidance or DEFAULT_GUIDANCE,

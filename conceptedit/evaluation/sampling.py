@@ -47,17 +47,18 @@ def sample(
 ) -> tuple[list[Image.Image], list[Tensor]]:
     """One image per row of ``hidden`` (text embeddings) and seed, with its final latent (decoded
     here as the pipeline would decode it). The adapter hands the embeddings to the pipeline (SDXL's
-    pooled embeddings too) and decodes as the pipeline does."""
+    and FLUX's pooled embeddings too), names the guidance and size arguments (FLUX: true CFG at its
+    native size), turns the returned latents into its own layout and decodes as the pipeline does."""
     negative = adapter.encode_prompts([negative_prompt or ""]).hidden.to(hidden.dtype)
+    arguments = adapter.pipeline_arguments(guidance, height, width)
     latents = pipeline(
         **adapter.pipeline_embeds(hidden, negative.expand(len(seeds), -1, -1)),
+        **arguments,
         num_inference_steps=steps,
-        guidance_scale=guidance,
-        height=height,
-        width=width,
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         output_type="latent",
     ).images
+    latents = adapter.sampled_latents(latents, arguments.get("height"), arguments.get("width"))
     decoded = adapter.decode_latents(latents)
     images = pipeline.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(seeds))
     return list(images), [latent.float().cpu() for latent in latents]
@@ -68,7 +69,7 @@ def generate(
 ) -> list[Image.Image]:
     """``count`` images for ``prompt``; image ``i`` uses seed ``seed + i``, one pipeline call each."""
     adapter = resolve_backbone(pipeline, (host or get_host()).registry.backbones)
-    hidden = adapter.encode_prompts([prompt]).hidden.to(pipeline.unet.dtype)
+    hidden = adapter.encode_prompts([prompt]).hidden.to(adapter.dtype)
     images = []
     for i in range(count):
         image, _ = sample(

@@ -28,9 +28,9 @@ conceptedit.load(pipe, "path/to/this/export")
 """
 
 _DIFFUSERS_USAGE = """\
-from diffusers import StableDiffusionPipeline
+from diffusers import {cls}
 
-pipe = StableDiffusionPipeline.from_pretrained("path/to/this/export/pipeline")
+pipe = {cls}.from_pretrained("path/to/this/export/pipeline")
 """
 
 
@@ -56,7 +56,8 @@ def _reload_delta(base: Any, folder: Path) -> Any:
 def _export_diffusers(source: ExportSource, folder: Path) -> ExportReport:
     """The whole edited pipeline as a diffusers folder (weights only: guards are carried beside it)."""
     source.pipeline.save_pretrained(str(folder / PIPELINE_DIR), safe_serialization=True)
-    return ExportReport(files=[f"{PIPELINE_DIR}/"], details={"usage": _DIFFUSERS_USAGE})
+    usage = _DIFFUSERS_USAGE.format(cls=type(source.pipeline).__name__)  # SD, SDXL or FLUX pipeline class
+    return ExportReport(files=[f"{PIPELINE_DIR}/"], details={"usage": usage})
 
 
 def _reload_diffusers(base: Any, folder: Path) -> Any:
@@ -76,7 +77,7 @@ def conceptedit_register_exporters(register: Callable[[Exporter], None]) -> None
     register(
         Exporter(
             "diffusers",
-            "pipeline/: the full edited pipeline as a diffusers folder (StableDiffusionPipeline.from_pretrained)",
+            "pipeline/: the full edited pipeline as a diffusers folder (its pipeline class's from_pretrained)",
             _export_diffusers,
             reload=_reload_diffusers,
         )

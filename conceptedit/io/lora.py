@@ -241,7 +241,7 @@ def _available(source: ExportSource) -> str | None:
     what = f"it changed only {_listed(left_out)}" if left_out else "it changed no weight"
     return (
         "a LoRA holds changes to the linear and convolution weights of the UNet and text encoder, and "
-        f"{what}; use the delta, diffusers or single-file format"
+        f"{what}; use the delta or diffusers format (or single-file, on SD-1.x)"
     )
 
 

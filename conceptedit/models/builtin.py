@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from conceptedit.models.builtin_flux import build_tiny_flux
 from conceptedit.models.tokenizer import load_clip_tokenizer, load_openclip_tokenizer
 
 if TYPE_CHECKING:  # diffusers/transformers load on first build: ``import conceptedit`` must stay cheap
@@ -351,11 +352,16 @@ def build_sd14_random(
 
 
 def assemble_sdxl_pipeline(
-    components: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float32
+    components: dict[str, torch.nn.Module],
+    dtype: torch.dtype = torch.float32,
+    *,
+    scheduler: Any = None,
+    force_zeros_for_empty_prompt: bool = True,
 ) -> StableDiffusionXLPipeline:
     """An SDXL pipeline around ``components``: SD-1.x's tokenizer for text encoder 1, SD-2.x's (padding
     with ``!``, as ``stabilityai/stable-diffusion-xl-base-1.0``'s ``tokenizer_2``) for text encoder 2,
-    SDXL's Euler schedule, zeros for an absent negative prompt as SDXL-base does, no watermarker."""
+    ``scheduler`` (default SDXL's Euler schedule), zeros for an absent negative prompt as SDXL-base
+    does unless ``force_zeros_for_empty_prompt`` is off, no watermarker."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     pipeline = StableDiffusionXLPipeline(
@@ -365,8 +371,8 @@ def assemble_sdxl_pipeline(
         tokenizer=load_clip_tokenizer(),
         tokenizer_2=load_openclip_tokenizer(),
         unet=components["unet"],
-        scheduler=EulerDiscreteScheduler(**sdxl_scheduler_config()),
-        force_zeros_for_empty_prompt=True,
+        scheduler=scheduler if scheduler is not None else EulerDiscreteScheduler(**sdxl_scheduler_config()),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
         add_watermarker=False,
     )
     return pipeline.to(dtype=dtype) if dtype != torch.float32 else pipeline
@@ -389,6 +395,12 @@ def _load_shapes() -> StableDiffusionPipeline:
     from conceptedit.shapes.model import load_shapes  # the shapes package imports this module
 
     return load_shapes()
+
+
+def _load_shapes_xl() -> StableDiffusionXLPipeline:
+    from conceptedit.shapes.model import load_shapes_xl
+
+    return load_shapes_xl()
 
 
 @dataclass(frozen=True)
@@ -421,6 +433,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             family="sdxl",
         ),
         BuiltinModel(
+            "tiny-flux",
+            "tiny random FLUX.1-schnell layout (64 px, 4.4M parameters: T5-style and CLIP text encoders, "
+            "double- and single-stream blocks, 16-channel VAE, flow matching) for tests",
+            build_tiny_flux,
+            family="flux",
+        ),
+        BuiltinModel(
             "sd14-random", "SD-1.4's exact architecture (1.07B parameters) with random weights", build_sd14_random
         ),
         BuiltinModel(
@@ -434,6 +453,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "SD-1.x architecture trained on coloured shapes (32 px): knows colours and shapes, "
             "by name and implicitly; the default for measuring erasure offline",
             _load_shapes,
+        ),
+        BuiltinModel(
+            "shapes-xl",
+            "SDXL architecture trained on the same coloured shapes (32 px): two text encoders, pooled "
+            "conditioning; for measuring erasure on SDXL offline",
+            _load_shapes_xl,
+            family="sdxl",
         ),
     )
 }

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from conceptedit.api.backbone import BackboneAdapter
 from conceptedit.api.hooks import hookimpl
 from conceptedit.models.backbone import StableDiffusionAdapter
+from conceptedit.models.flux import FluxAdapter
 from conceptedit.models.sdxl import StableDiffusionXLAdapter
 
 
@@ -14,3 +15,4 @@ from conceptedit.models.sdxl import StableDiffusionXLAdapter
 def conceptedit_register_backbones(register: Callable[[type[BackboneAdapter]], None]) -> None:
     register(StableDiffusionAdapter)
     register(StableDiffusionXLAdapter)
+    register(FluxAdapter)

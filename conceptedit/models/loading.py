@@ -75,7 +75,7 @@ def load_model(
         else:
             loaded = _load_hub(model_id, revision, torch_dtype, variant)
     loaded.pipeline.to(device=device)
-    if loaded.pipeline.unet.dtype != torch_dtype:
+    if loaded.pipeline.dtype != torch_dtype:
         loaded.pipeline.to(dtype=torch_dtype)
     loaded.pipeline.set_progress_bar_config(disable=True)
     return loaded
@@ -143,12 +143,14 @@ def _load_builtin(model_id: str) -> LoadedModel:
 
 
 def _pipeline_class(model_index: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The diffusers pipeline class a ``model_index.json`` names (SDXL or, by default, SD) and the
-    keyword arguments that turn its safety checker off (SDXL has none)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The diffusers pipeline class a ``model_index.json`` names (SDXL, FLUX or, by default, SD) and the
+    keyword arguments that turn its safety checker off (SDXL and FLUX have none)."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if model_index.get("_class_name") == "StableDiffusionXLPipeline":
         return StableDiffusionXLPipeline, {}
+    if model_index.get("_class_name") == "FluxPipeline":
+        return FluxPipeline, {}
     return StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}
 
 
@@ -220,9 +222,10 @@ def _hash_weights(folder: Path) -> dict[str, str]:
 
 
 def state_digest(pipeline: Any) -> str:
-    """sha256 over every weight of the pipeline's UNet, text encoder(s) and VAE, in name order."""
+    """sha256 over every weight of the pipeline's denoiser (UNet or transformer), text encoder(s) and
+    VAE, in name order."""
     digest = hashlib.sha256()
-    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
+    for component in ("unet", "transformer", "text_encoder", "text_encoder_2", "vae"):
         module = getattr(pipeline, component, None)
         if module is not None:
             _update_with_module(digest, component, module)

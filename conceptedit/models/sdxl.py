@@ -40,6 +40,7 @@ as transformers pools it. The ``last_pad`` row (76) joins stream 1's [EoT] pad a
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -69,15 +70,18 @@ _UNSUPPORTED_TOKEN_ATTACKS = (
 class PooledRows:
     """The pooled embedding of every text row encoded so far, found again by the row's values.
 
-    A row's key is a few of its columns (the first and last of each encoder's part) at every
-    position, cast to the UNet's dtype: any copy of the row that reaches the UNet has the same key
-    (slices, indexing, ``cat``, ``repeat``, ``expand``, device moves, and casts to the UNet's dtype
-    keep values), and two prompts with different tokens differ at once in every later position.
+    A row's key is the sha256 of a few of its columns (the first and last of each encoder's part)
+    at every position, cast to the UNet's dtype: any copy of the row that reaches the UNet has the
+    same key (slices, indexing, ``cat``, ``repeat``, ``expand``, device moves, and casts to the UNet's
+    dtype keep values), and two prompts with different tokens differ at once in every later
+    position. FLUX's adapter keeps its CLIP pooled vectors the same way (``label`` names the
+    backbone in errors).
     """
 
-    def __init__(self, split: int, capacity: int = POOLED_CAPACITY) -> None:
+    def __init__(self, split: int, capacity: int = POOLED_CAPACITY, label: str = "SDXL") -> None:
         self.split = split  # the width of text encoder 1's part
         self.capacity = capacity
+        self.label = label
         self._rows: OrderedDict[bytes, Tensor] = OrderedDict()
 
     def __len__(self) -> int:
@@ -87,7 +91,7 @@ class PooledRows:
         width = hidden.shape[-1]
         columns = [0, self.split - 1, self.split, width - 1]
         probe = hidden.detach()[..., columns].to(dtype).float().cpu().contiguous()
-        return [row.numpy().tobytes() for row in probe]
+        return [hashlib.sha256(row.numpy().tobytes()).digest() for row in probe]
 
     def add(self, hidden: Tensor, pooled: Tensor, dtype: torch.dtype) -> None:
         for key, row in zip(self.keys(hidden, dtype), pooled.detach().float().cpu(), strict=True):
@@ -101,7 +105,7 @@ class PooledRows:
         missing = [i for i, key in enumerate(keys) if key not in self._rows]
         if missing:
             raise BackboneError(
-                f"SDXL: text rows {missing[:8]} of {len(keys)} were not made by this pipeline's adapter "
+                f"{self.label}: text rows {missing[:8]} of {len(keys)} were not made by this pipeline's adapter "
                 "(encode_prompts), so their pooled embedding is unknown; pass rows of encode_prompts outputs "
                 "(sliced, concatenated or repeated as you like), or register new rows with "
                 "adapter.remember_pooled(hidden, pooled)"
@@ -109,6 +113,31 @@ class PooledRows:
         for key in keys:
             self._rows.move_to_end(key)
         return torch.stack([self._rows[key] for key in keys])
+
+
+def encode_rows(
+    text_encoder: nn.Module, text_encoder_2: nn.Module, ids: Tensor, ids_2: Tensor
+) -> tuple[Tensor, Tensor]:
+    """What SDXL's UNet reads of one batch: both encoders' penultimate states concatenated per
+    position (float32), and text encoder 2's pooled projection."""
+    first = text_encoder(ids.to(_device(text_encoder)), output_hidden_states=True)
+    second = text_encoder_2(ids_2.to(_device(text_encoder_2)), output_hidden_states=True)
+    rows_1 = first.hidden_states[-2].float()
+    rows_2 = second.hidden_states[-2].float().to(rows_1.device)
+    return torch.cat([rows_1, rows_2], dim=-1), second.text_embeds.float().to(rows_1.device)
+
+
+def second_stream_ids(ids: Tensor, eos_id: int, pad_id: int) -> Tensor:
+    """Tokenizer 2's ids from tokenizer 1's for prompts without ``!``: the same tokens, padded after
+    the first [EoT] with tokenizer 2's pad id instead of [EoT] (token-level edits, such as inserted
+    tokens, are so made once, on stream 1)."""
+    eot = first_eot_index(ids, eos_id)
+    after = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) > eot.to(ids.device).unsqueeze(1)
+    return ids.masked_fill(after, pad_id)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
@@ -202,12 +231,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         raise BackboneError(_UNSUPPORTED_TOKEN_ATTACKS)
 
     def _encode(self, ids: Tensor, ids_2: Tensor) -> tuple[Tensor, Tensor]:
-        """Concatenated penultimate states and the pooled embedding of one batch."""
-        first = self.text_encoder(ids.to(self.text_encoder.device), output_hidden_states=True)
-        second = self.text_encoder_2(ids_2.to(self.text_encoder_2.device), output_hidden_states=True)
-        rows_1 = first.hidden_states[-2].float()
-        rows_2 = second.hidden_states[-2].float().to(rows_1.device)
-        return torch.cat([rows_1, rows_2], dim=-1), second.text_embeds.float().to(rows_1.device)
+        return encode_rows(self.text_encoder, self.text_encoder_2, ids, ids_2)
 
     @torch.no_grad()
     def encode_prompts(

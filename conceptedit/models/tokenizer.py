@@ -1,8 +1,10 @@
-"""The SD-1.x CLIP tokenizer (and SD-2.x's, the same files padding with ``!``), shipped as package
-data, and the prompt cleaning pinned to it.
+"""The SD-1.x CLIP tokenizer (and SD-2.x's, the same files padding with ``!``), a T5-style tokenizer
+for FLUX, both shipped as package data, and the prompt cleaning pinned to CLIP.
 
 The files under ``assets/clip_tokenizer/`` are byte-identical to ``openai/clip-vit-large-patch14``'s
 ``vocab.json``/``merges.txt`` (built by ``scripts/build_clip_tokenizer.py``), so no model hub is needed.
+``assets/t5_tokenizer/`` follows T5's conventions with pieces derived from that CLIP vocabulary
+(``scripts/build_t5_tokenizer.py``; its README says what is and is not T5's).
 
 Why cleaning is pinned here: OpenAI CLIP cleans every prompt with ``ftfy.fix_text``, a double
 ``html.unescape`` and whitespace collapsing before BPE; transformers 4's slow ``CLIPTokenizer``
@@ -24,9 +26,10 @@ import ftfy
 
 if TYPE_CHECKING:  # transformers is imported on first load only: importing this module must stay cheap
     import torch
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, T5Tokenizer
 
 CLIP_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
+T5_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "t5_tokenizer"
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -48,6 +51,15 @@ def load_openclip_tokenizer() -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), local_files_only=True, pad_token=OPENCLIP_PAD_TOKEN)
+
+
+def load_t5_tokenizer() -> T5Tokenizer:
+    """FLUX's second tokenizer, T5-style, from package data: ``<pad>`` 0, ``</s>`` 1 (appended, no start
+    token), ``<unk>`` 2, 512 tokens; pieces derived from CLIP's vocabulary, not T5's (see the asset's
+    README). Never touches the network. transformers 5's ``T5Tokenizer`` is ``T5TokenizerFast``."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(str(T5_TOKENIZER_DIR), local_files_only=True)
 
 
 def clean_prompt(text: str) -> str:

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from conceptedit.models.sdxl import encode_rows, second_stream_ids
 from conceptedit.models.tokenizer import clean_prompt, tokenize
 from conceptedit.shapes.contexts import CONTEXT_WORDS
 from conceptedit.shapes.judge import Verdict, judge
@@ -106,12 +108,22 @@ def judge_under_prefix_tokens(
     judged = []
     for start in range(0, len(pairs), 64):
         chunk = pairs[start : start + 64]
-        embeds = pipeline.text_encoder(noisy[start : start + 64])[0]
+        embeds = prompt_embeds(pipeline, noisy[start : start + 64])
         generators = [torch.Generator().manual_seed(s) for _, s in chunk]
-        out = pipeline(prompt_embeds=embeds, generator=generators, output_type="np", **settings).images
+        out = pipeline(**embeds, generator=generators, output_type="np", **settings).images
         for (prompt, seed), image in zip(chunk, np.round(out * 255).astype(np.uint8), strict=True):
             judged.append(Judged(prompt, seed, judge(image)))
     return judged
+
+
+def prompt_embeds(pipeline: Any, ids: Tensor) -> dict[str, Tensor]:
+    """The pipeline's ``prompt_embeds`` for token ids of its first tokenizer; on SDXL also
+    ``pooled_prompt_embeds``, with the second stream's ids derived from the first's."""
+    if getattr(pipeline, "text_encoder_2", None) is None:
+        return {"prompt_embeds": pipeline.text_encoder(ids)[0]}
+    ids_2 = second_stream_ids(ids, int(pipeline.tokenizer.eos_token_id), int(pipeline.tokenizer_2.pad_token_id))
+    rows, pooled = encode_rows(pipeline.text_encoder, pipeline.text_encoder_2, ids, ids_2)
+    return {"prompt_embeds": rows, "pooled_prompt_embeds": pooled}
 
 
 def context_prompts(per_phrasing: int = 1, seed: int = 0) -> list[Prompt]:

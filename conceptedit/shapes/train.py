@@ -59,6 +59,12 @@ if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
 Log = Callable[[str], None]
+#: The UNet's keyword arguments besides latents and timesteps for a batch of captions (caption
+#: noise drawn from the generator): the text rows, and for SDXL the added conditioning.
+#: Features the text-encoder stage's probes read from a batch of token ids, per probe set: the rows
+#: (stacked over captions) and how many rows each caption gave.
+Readout = Callable[[Tensor], dict[str, tuple[Tensor, Tensor]]]
+Condition = Callable[[Sequence[str], np.random.Generator], dict[str, Any]]
 
 
 def shapes_configs() -> ComponentConfigs:
@@ -159,10 +165,20 @@ def train(config: TrainConfig, log: Log = print) -> TrainResult:
     losses["vae"] = train_vae(vae, config, rng, generator, log)
     seconds["vae"] = time.perf_counter() - start
     start = time.perf_counter()
-    losses["text_encoder"] = train_text_encoder(text_encoder, token_ids, config, rng, log)
+
+    def read(ids: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        mask, counts = after_first_eot(ids)
+        return {"rows": (text_encoder(ids)[0][mask], counts)}
+
+    width = cast(Any, text_encoder).config.hidden_size
+    losses["text_encoder"] = train_text_encoder([text_encoder], read, {"rows": width}, token_ids, config, rng, log)
     seconds["text_encoder"] = time.perf_counter() - start
     start = time.perf_counter()
-    losses["unet"] = train_unet(unet, text_encoder, vae, token_ids, config, rng, generator, log)
+
+    def condition(texts: Sequence[str], rng: np.random.Generator) -> dict[str, Any]:
+        return {"encoder_hidden_states": text_encoder(token_ids(texts, rng))[0]}
+
+    losses["unet"] = train_unet(unet, condition, vae, config, rng, generator, log)
     seconds["unet"] = time.perf_counter() - start
 
     for module in components.values():
@@ -231,39 +247,35 @@ def caption_batch(
 
 
 def train_text_encoder(
-    text_encoder: nn.Module, token_ids: _TokenCache, config: TrainConfig, rng: np.random.Generator, log: Log
+    encoders: Sequence[nn.Module],
+    read: Readout,
+    widths: dict[str, int],
+    token_ids: _TokenCache,
+    config: TrainConfig,
+    rng: np.random.Generator,
+    log: Log,
 ) -> float:
-    """Teach the text encoder what captions say: from every position from the first end-of-text token
-    on, linear probes (discarded afterwards) must tell each attribute's value or that it is unstated.
-    Every phrasing of a concept so lands near its name, as a pretrained CLIP's would; the word
-    positions, which no probe reads, keep what distinguishes the phrasings."""
-    probes = nn.ModuleDict(
-        {
-            name: nn.Linear(cast(Any, text_encoder).config.hidden_size, len(values) + 1)
-            for name, values in ATTRIBUTES.items()
-        }
-    )
-    parameters = [*text_encoder.parameters(), *probes.parameters()]
+    """Teach the text encoders what captions say: from the features ``read`` takes of each batch
+    (``widths`` names them), linear probes (discarded afterwards) must tell each attribute's value
+    or that it is unstated. Every phrasing of a concept so lands near its name, as a pretrained
+    CLIP's would; the word positions, which no probe reads, keep what distinguishes the phrasings."""
+    probes = nn.ModuleDict({key: attribute_probes(width) for key, width in widths.items()})
+    parameters = [p for module in (*encoders, probes) for p in module.parameters()]
     optimiser = torch.optim.AdamW(parameters, lr=config.text_lr, weight_decay=0.01)
     schedule = _cosine(optimiser, config.warmup, config.text_steps)
-    text_encoder.train()
+    for encoder in encoders:
+        encoder.train()
     started = time.perf_counter()
     average = math.nan
     correct = 0.0
     for step in range(config.text_steps):
         captions = caption_batch(rng, config.text_batch, config.caption_dropout, dark=config.dark)
-        ids = token_ids([c.text for c in captions], rng)
-        after_eot = (ids == CLIP_EOS_ID).cumsum(dim=1) > 0
-        hidden = text_encoder(ids)[0][after_eot]
-        counts = after_eot.sum(dim=1)
         loss = torch.zeros(())
         correct = 0.0
-        for name, values in ATTRIBUTES.items():
-            labels = torch.tensor([values.index(c.said[name]) + 1 if name in c.said else 0 for c in captions])
-            logits = probes[name](hidden)
-            targets = labels.repeat_interleave(counts)
-            loss = loss + F.cross_entropy(logits, targets)
-            correct += (logits.argmax(dim=1) == targets).float().mean().item() / len(ATTRIBUTES)
+        for key, (features, counts) in read(token_ids([c.text for c in captions], rng)).items():
+            part, read_right = probe_loss(cast(nn.ModuleDict, probes[key]), features, captions, counts)
+            loss = loss + part
+            correct += read_right / len(widths)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -271,22 +283,50 @@ def train_text_encoder(
         average = _smooth(average, loss.item())
         _report(log, "text encoder", step, config.text_steps, average, started)
     log(f"text encoder: probes read {correct:.1%} of the attributes right on the last batch")
-    text_encoder.eval().requires_grad_(False)
+    for encoder in encoders:
+        encoder.eval().requires_grad_(False)
     return average
+
+
+def after_first_eot(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The mask of positions from the first end-of-text token on (the padding the UNet attends to
+    reads the whole caption there) and its count per caption."""
+    mask = (ids == CLIP_EOS_ID).cumsum(dim=1) > 0
+    return mask, mask.sum(dim=1)
+
+
+def attribute_probes(width: int) -> nn.ModuleDict:
+    """One linear probe per attribute: its values, or "unstated" (class 0)."""
+    return nn.ModuleDict({name: nn.Linear(width, len(values) + 1) for name, values in ATTRIBUTES.items()})
+
+
+def probe_loss(
+    probes: nn.ModuleDict, features: Tensor, captions: Sequence[Caption], counts: Tensor
+) -> tuple[Tensor, float]:
+    """Summed cross-entropy of every attribute's probe on ``features`` (``counts[i]`` rows per
+    caption, in caption order) and the share of attributes read right."""
+    loss = torch.zeros(())
+    correct = 0.0
+    for name, values in ATTRIBUTES.items():
+        labels = torch.tensor([values.index(c.said[name]) + 1 if name in c.said else 0 for c in captions])
+        logits = probes[name](features)
+        targets = labels.repeat_interleave(counts)
+        loss = loss + F.cross_entropy(logits, targets)
+        correct += (logits.argmax(dim=1) == targets).float().mean().item() / len(ATTRIBUTES)
+    return loss, correct
 
 
 def train_unet(
     unet: nn.Module,
-    text_encoder: nn.Module,
+    condition: Condition,
     vae: AutoencoderKL,
-    token_ids: _TokenCache,
     config: TrainConfig,
     rng: np.random.Generator,
     generator: torch.Generator,
     log: Log,
 ) -> float:
-    """Epsilon-prediction training of the UNet on the frozen text encoder's embeddings; returns the
-    last smoothed loss."""
+    """Epsilon-prediction training of the UNet on what ``condition`` makes of each step's captions
+    (the frozen text encoders' output); returns the last smoothed loss."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items() if k != "set_alpha_to_one"})
@@ -311,8 +351,8 @@ def train_unet(
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with torch.no_grad():
-            hidden = text_encoder(token_ids([c.text for c in captions], rng))[0]
-        prediction = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+            conditioning = condition([c.text for c in captions], rng)
+        prediction = unet(noisy, timesteps, **conditioning).sample
         loss = (weights[timesteps] * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

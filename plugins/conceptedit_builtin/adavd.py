@@ -27,7 +27,7 @@ and guards. Applied at every step (the reference's default ``decomp_timestep`` 0
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -272,6 +272,13 @@ class AdaVD(EditMethod[AdaVDParams]):
     paper = "Wang et al., Precise, Fast, and Low-cost Concept Erasure in Value Space (AdaVD), CVPR 2025"
     Params = AdaVDParams
     backbones = frozenset({"sd1", "sd2", "sdxl"})
+    unsupported_backbones: ClassVar[dict[str, str]] = {
+        "flux": (
+            "its guard wraps the attention processor of every cross-attention layer (attn2) to edit the text "
+            "tokens' values; FLUX has no cross-attention layer: text and image tokens share one joint attention "
+            "per block (and one set of projections in the single-stream blocks)"
+        )
+    }
 
     def inference_guard(self, ctx: EditContext) -> Guard:
         p = self.params

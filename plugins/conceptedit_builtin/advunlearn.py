@@ -273,7 +273,11 @@ class AdvUnlearn(EditMethod[AdvUnlearnParams]):
             "it trains the one text encoder of SD-1.x/2.x against soft-prompt attacks on its token "
             "embeddings; SDXL has two text encoders and a pooled embedding the trained rows would "
             "have to carry"
-        )
+        ),
+        "flux": (
+            "it trains the one text encoder of SD-1.x/2.x against soft-prompt attacks on its token embeddings; "
+            "FLUX's rows come from T5 and its pooled vector from CLIP, two encoders with different token tables"
+        ),
     }
     Training = AdvUnlearnTraining
 

@@ -31,7 +31,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +203,13 @@ class ConceptAblation(EditMethod[CaParams]):
     paper = "Kumari et al., Ablating Concepts in Text-to-Image Diffusion Models, ICCV 2023, arXiv:2303.13516"
     Params = CaParams
     backbones = frozenset({"sd1", "sd2", "sdxl"})
+    unsupported_backbones: ClassVar[dict[str, str]] = {
+        "flux": (
+            "its denoising loss noises latents by the diffusion forward process (ᾱ_t) at uniformly drawn DDPM "
+            "timesteps; FLUX is a flow-matching model (x_t = (1 − σ) x₀ + σ ε, trained on a shifted σ "
+            "distribution), and the loss has not been ported to it"
+        )
+    }
     Training = CaTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

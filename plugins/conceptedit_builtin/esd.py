@@ -23,6 +23,13 @@ about that noise level; see :func:`compvis_latent_steps`), and η's convention (
 
 The latents, their plan and the target live in the engine (``NegativeGuidance`` in
 :mod:`conceptedit.toolkit`), shared with the methods built on ESD (``race``).
+
+On FLUX (a flow-matching model) ``ε`` is the predicted velocity ``ε − x₀`` and the target is the
+same combination of velocities (negative guidance in velocity space: its weights sum to one, so
+it is exactly the velocity of the ε-space target); ``x_t`` comes from FLUX's own Euler flow
+sampler at its timesteps ``1000 σ``, and the parameter sets are FLUX's (``x-strict``: the
+double-stream blocks' text keys and values; docs/backbones.md, "FLUX"). ``timestep_pairing:
+compvis`` needs DDIM's schedule and is refused there.
 """
 
 from __future__ import annotations
@@ -85,7 +92,7 @@ class Esd(EditMethod[EsdParams]):
     kind = "training"
     paper = "Gandikota et al., Erasing Concepts from Diffusion Models, ICCV 2023, arXiv:2303.07345"
     Params = EsdParams
-    backbones = frozenset({"sd1", "sd2", "sdxl"})
+    backbones = frozenset({"sd1", "sd2", "sdxl", "flux"})
     Training = EsdTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

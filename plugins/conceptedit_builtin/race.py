@@ -122,7 +122,11 @@ class Race(EditMethod[RaceParams]):
         "sdxl": (
             "its attack perturbs text embeddings directly (embedding PGD), and a perturbed row has no"
             " pooled embedding of its own for SDXL's added conditioning"
-        )
+        ),
+        "flux": (
+            "its attack perturbs the text rows directly (embedding PGD), and a perturbed row has no CLIP pooled "
+            "vector of its own for FLUX's conditioning"
+        ),
     }
     Training = RaceTraining
 

@@ -20,6 +20,10 @@ prompts; here every round is kept.
 The reference keeps its guide ``' '`` once per erased concept, so with N concepts its preserve
 weight is N × 0.1; ``preserve_repeat: per_concept`` does the same, the default keeps the
 preserve prompts once (equal for a single concept).
+
+On FLUX the rows are T5's (512 of them) and the edited map is ``context_embedder``; each round also
+erases the closed-form adversarial *pooled* vector (the same formula on the pooled projection's
+first linear map) toward the guide's pooled vector, keeping the preserve prompts' (docs/backbones.md).
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ from typing import Literal
 
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from torch import Tensor
 
 from conceptedit import ConceptRef, EditContext, EditMethod, KVEdit, PromptEncoding, hookimpl
-from conceptedit.toolkit import ErasureParams, matching_inputs, select_rows
+from conceptedit.toolkit import ErasureParams, matching_inputs, select_rows, text_maps
+
+Stream = Literal["rows", "pooled"]
 
 
 class ReceParams(ErasureParams):
@@ -68,7 +75,7 @@ class Rece(EditMethod[ReceParams]):
     kind = "closed_form"
     paper = "Gong et al., Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models, ECCV 2024"
     Params = ReceParams
-    backbones = frozenset({"sd1", "sd2", "sdxl"})
+    backbones = frozenset({"sd1", "sd2", "sdxl", "flux"})
 
     def encode_prompts(self, ctx: EditContext, prompts: Sequence[str]) -> PromptEncoding:
         # The adversarial embedding replaces the whole 77-row context, padding included.
@@ -77,24 +84,34 @@ class Rece(EditMethod[ReceParams]):
     def attention_edits(self, ctx: EditContext) -> Iterable[KVEdit]:
         p = self.params
         pairs = ctx.concept_pairs(p.concepts)
-        concept = self.encode_prompts(ctx, [pair.source for pair in pairs]).hidden
-        guides = select_rows(self.encode_prompts(ctx, [pair.target for pair in pairs]), "all")
-        preserve = select_rows(self.encode_prompts(ctx, p.preserve), "all") if p.preserve else None
+        concept = self.encode_prompts(ctx, [pair.source for pair in pairs])
+        guide = self.encode_prompts(ctx, [pair.target for pair in pairs])
+        kept = self.encode_prompts(ctx, p.preserve) if p.preserve else None
+        # (stream, concept inputs, guide inputs, preserve inputs): the rows, and FLUX's pooled vectors.
+        streams: list[tuple[Stream, Tensor, Tensor, Tensor | None]] = [
+            ("rows", concept.hidden, select_rows(guide, "all"), select_rows(kept, "all") if kept is not None else None)
+        ]
+        if ctx.adapter.pooled_layers() and concept.pooled is not None and guide.pooled is not None:
+            streams.append(("pooled", concept.pooled, guide.pooled, kept.pooled if kept is not None else None))
         # Counting the preserve rows N times is the same as scaling them by N.
         preserve_scale = p.preserve_scale * (len(pairs) if p.preserve_repeat == "per_concept" else 1)
-        projections = [layer.projection(w) for layer in ctx.cross_attention_layers() for w in p.projections]
+        maps = {
+            stream: [linear for _, linear in text_maps(ctx.adapter, p.projections, stream)] for stream, *_ in streams
+        }
         with torch.no_grad(), ctx.reference_weights(p.reference):
-            original = [proj.weight.detach().clone() for proj in projections]
+            original = {stream: [m.weight.detach().clone() for m in linears] for stream, linears in maps.items()}
         for round_ in range(p.rounds):
-            current = [proj.weight.detach() for proj in projections]  # what the previous round left
-            adversarial = matching_inputs(current, original, concept, p.regular_scale)
-            yield p.erase_edit(
-                adversarial.reshape(-1, adversarial.shape[-1]),
-                guides,
-                preserve,
-                preserve_scale=preserve_scale,
-                label=f"RECE round {round_ + 1}/{p.rounds}",
-            )
+            for stream, inputs, guides, preserve in streams:
+                current = [m.weight.detach() for m in maps[stream]]  # what the previous round left
+                adversarial = matching_inputs(current, original[stream], inputs, p.regular_scale)
+                yield p.erase_edit(
+                    adversarial.reshape(-1, adversarial.shape[-1]),
+                    guides,
+                    preserve,
+                    preserve_scale=preserve_scale,
+                    label=f"RECE round {round_ + 1}/{p.rounds}" + (", pooled vectors" if stream == "pooled" else ""),
+                    stream=stream,
+                )
 
 
 @hookimpl

@@ -436,7 +436,11 @@ class Receler(EditMethod[RecelerParams]):
             "its adversarial prompts are soft tokens through the token-embedding table, which SDXL's "
             "two text encoders (768- and 1280-wide tables) do not share, and a soft prompt has no "
             "pooled embedding"
-        )
+        ),
+        "flux": (
+            "its erasers sit on the output of every cross-attention layer, which FLUX's joint attention does not "
+            "have, and its adversarial prompts are soft tokens of one token table, where FLUX reads two (T5, CLIP)"
+        ),
     }
     Training = RecelerTraining
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +213,13 @@ class Salun(EditMethod[SalunParams]):
     )
     Params = SalunParams
     backbones = frozenset({"sd1", "sd2", "sdxl"})
+    unsupported_backbones: ClassVar[dict[str, str]] = {
+        "flux": (
+            "its forget and retain losses (and the saliency mask made from their gradients) noise latents by the "
+            "diffusion forward process (ᾱ_t) at uniformly drawn DDPM timesteps; FLUX is a flow-matching model "
+            "(x_t = (1 − σ) x₀ + σ ε, trained on a shifted σ distribution), and the losses have not been ported to it"
+        )
+    }
     Training = SalunTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

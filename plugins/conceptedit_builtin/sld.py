@@ -26,7 +26,7 @@ momentum, and ``γ`` is multiplied back, which is SLD run on the ε the outputs 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, ValidationError, model_validator
@@ -262,6 +262,13 @@ class Sld(EditMethod[SldParams]):
     paper = "Schramowski et al., Safe Latent Diffusion, CVPR 2023, arXiv:2211.05105"
     Params = SldParams
     backbones = frozenset({"sd1", "sd2", "sdxl"})
+    unsupported_backbones: ClassVar[dict[str, str]] = {
+        "flux": (
+            "its guard appends the safety branch to the UNet's one batched classifier-free-guidance call; "
+            "FluxPipeline calls the transformer once per branch (true CFG, and none at all without a negative "
+            "prompt), so there is no batched call to add the branch to"
+        )
+    }
 
     def inference_guard(self, ctx: EditContext) -> Guard:
         p = self.params

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
@@ -151,6 +151,13 @@ class Speed(EditMethod[SpeedParams]):
     paper = "Li et al., SPEED: Scalable, Precise, and Efficient Concept Erasure for Diffusion Models, ICLR 2026"
     Params = SpeedParams
     backbones = frozenset({"sd1", "sd2", "sdxl"})
+    unsupported_backbones: ClassVar[dict[str, str]] = {
+        "flux": (
+            "its invariant constraints (IEC) keep the start-token row, the same for every prompt under a causal "
+            "CLIP encoder, and the empty prompt's rows; FLUX's T5 has no start token and, read without a mask, "
+            "every one of its rows depends on the whole prompt, so there is no invariant row to keep"
+        )
+    }
 
     def attention_edits(self, ctx: EditContext) -> Iterable[KVEdit]:
         p = self.params

@@ -261,7 +261,11 @@ class Stereo(EditMethod[StereoParams]):
         "sdxl": (
             "its search phase inverts the concept into token embeddings (concept inversion), which "
             "SDXL's two text encoders do not share, and an inverted prompt has no pooled embedding"
-        )
+        ),
+        "flux": (
+            "its search phase inverts the concept into token embeddings (concept inversion); FLUX's two text "
+            "encoders (T5 rows, CLIP pooled vector) read different tables, and an inverted prompt has no pooled vector"
+        ),
     }
     Training = StereoTraining
 

@@ -25,13 +25,19 @@ Differences from the reference code (see docs/methods/trce.md):
   the embedding with which the edited projections reproduce what the original ones made of it
   (:func:`~conceptedit.toolkit.matching_inputs`), adds its rows at the mapped token positions as
   further keys with the same safe targets, and solves the mapping again with every pair so far.
+
+On FLUX (docs/backbones.md, "FLUX") the rows are T5's and the mapped map is ``context_embedder``;
+the [EoT] row is T5's ``</s>``. FLUX also reads CLIP's pooled vector, which *is* CLIP's [EoT]
+output, so the mapping has a second part: each malicious prompt's pooled vector maps to its safe
+prompt's through the pooled projection's first linear map, with the [EoT] weight, the captions'
+pooled prior and the same η and ridge (and, with ``adversarial``, its own closed-form rounds).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -41,6 +47,7 @@ from torch import Tensor
 from conceptedit import (
     ConceptRef,
     EditContext,
+    EditError,
     EditMethod,
     KVEdit,
     MethodParams,
@@ -49,7 +56,7 @@ from conceptedit import (
     PromptPair,
     hookimpl,
 )
-from conceptedit.toolkit import embedding_prior, matching_inputs, read_prompts, resolve_prompt_file
+from conceptedit.toolkit import embedding_prior, matching_inputs, read_prompts, resolve_prompt_file, text_maps
 
 #: Largest index a legacy word count may reach (SD's 77-token context).
 _LAST = 76
@@ -196,13 +203,19 @@ class TrceEot(EditMethod[TrceEotParams]):
     kind = "closed_form"
     paper = "Chen et al., TRCE, ICCV 2025, arXiv:2503.07389"
     Params = TrceEotParams
-    backbones = frozenset({"sd1", "sd2", "sdxl"})
+    backbones = frozenset({"sd1", "sd2", "sdxl", "flux"})
 
     def encode_prompts(self, ctx: EditContext, prompts: Sequence[str]) -> PromptEncoding:
         p = self.params
-        # The encoder is causal: rows up to the first [EoT] need no padding beyond the longest prompt.
+        # The encoder is causal: rows up to the first [EoT] need no padding beyond the longest prompt
+        # (FLUX's bidirectional T5: the adapter encodes in full and cuts, so the rows are FLUX's own).
         length: Literal["full", "longest"] = "full" if p.rows.last_pad > 0 else "longest"
         encoding = ctx.encode_prompts(prompts, length=length)
+        if p.eot_index == "legacy_wordcount" and ctx.adapter.tokenizer.bos_token_id is None:
+            raise EditError(
+                "eot_index: legacy_wordcount reproduces the reference code's rows, words + 1, which count CLIP's "
+                f"start token at position 0; the {ctx.adapter.family} tokenizer has none; use eot_index: token"
+            )
         if p.eot_index == "legacy_wordcount":
             words = torch.tensor([len(prompt.split()) + 1 for prompt in prompts])
             encoding.eot_index = words.clamp(max=min(_LAST, encoding.input_ids.shape[1] - 1))
@@ -213,42 +226,85 @@ class TrceEot(EditMethod[TrceEotParams]):
         pairs = ctx.concept_pairs(p.concepts)
         malicious = self.encode_prompts(ctx, [pair.source for pair in pairs])
         safe = self.encode_prompts(ctx, [pair.target for pair in pairs])
-        keys, targets, weights = _mapping_rows(ctx, p.rows, pairs, malicious, safe)
-        prior = None
+        captions = None
         if p.prior is not None:
             path, column = resolve_prompt_file(p.prior.captions, ctx.cache_dir, ctx.base_dir)
-            prior = embedding_prior(ctx, read_prompts(path, column, p.prior.limit), p.prior.positions)
-
-        def mapping(label: str) -> KVEdit:
-            return KVEdit(
-                keys=torch.cat(keys),
-                targets=torch.cat(targets),
-                weights=torch.cat(weights),
-                prior=prior,
-                prior_scale=p.eta,
-                ridge=p.ridge,
-                projections=tuple(p.projections),
-                label=label,
-            )
-
-        yield mapping(f"TRCE [EoT] mapping ({len(pairs)} pairs)")
+            captions = read_prompts(path, column, p.prior.limit)
+        rows = _Mapping("rows", *_mapping_rows(ctx, p.rows, pairs, malicious, safe))
+        if p.prior is not None and captions is not None:
+            rows.prior = embedding_prior(ctx, captions, p.prior.positions)
+        mappings = [rows]
+        pooled = _pooled_mapping(ctx, p, malicious, safe, captions)
+        if pooled is not None:
+            mappings.append(pooled)
+        for mapping in mappings:
+            yield mapping.edit(p, f"TRCE [EoT] mapping ({len(pairs)} pairs)")
         if p.adversarial is None:
             return
-        projections = [layer.projection(w) for layer in ctx.cross_attention_layers() for w in p.projections]
+        maps = {m.stream: [linear for _, linear in text_maps(ctx.adapter, p.projections, m.stream)] for m in mappings}
         with torch.no_grad(), ctx.reference_weights("base"):
-            original = [proj.weight.detach().clone() for proj in projections]
+            original = {
+                stream: [linear.weight.detach().clone() for linear in linears] for stream, linears in maps.items()
+            }
         shape = malicious.hidden.shape
         for round_ in range(p.adversarial.rounds):
-            current = [proj.weight.detach() for proj in projections]  # the weights the last solve left
-            found = matching_inputs(
-                current, original, malicious.hidden.reshape(-1, shape[-1]), p.adversarial.regular_scale
-            )
-            adversarial = replace(malicious, hidden=found.reshape(shape).to(malicious.hidden.dtype))
-            more_keys, more_targets, more_weights = _mapping_rows(ctx, p.rows, pairs, adversarial, safe)
-            keys += more_keys
-            targets += more_targets
-            weights += [w * p.adversarial.weight for w in more_weights]
-            yield mapping(f"TRCE [EoT] mapping, adversarial round {round_ + 1}/{p.adversarial.rounds}")
+            for mapping in mappings:
+                current = [linear.weight.detach() for linear in maps[mapping.stream]]  # the weights the last solve left
+                if mapping.stream == "rows":
+                    found = matching_inputs(
+                        current, original["rows"], malicious.hidden.reshape(-1, shape[-1]), p.adversarial.regular_scale
+                    )
+                    adversarial = replace(malicious, hidden=found.reshape(shape).to(malicious.hidden.dtype))
+                    more = _mapping_rows(ctx, p.rows, pairs, adversarial, safe)
+                else:  # its first pairs are the prompts' own: malicious pooled vectors, their safe ones, weights
+                    found = matching_inputs(current, original["pooled"], mapping.keys[0], p.adversarial.regular_scale)
+                    more = ([found], mapping.targets[:1], mapping.weights[:1])
+                mapping.add(*more, weight=p.adversarial.weight)
+                yield mapping.edit(p, f"TRCE [EoT] mapping, adversarial round {round_ + 1}/{p.adversarial.rounds}")
+
+
+@dataclass
+class _Mapping:
+    """One stream's mapping pairs so far (the text rows, or FLUX's pooled vectors) and its prior."""
+
+    stream: Literal["rows", "pooled"]
+    keys: list[Tensor]
+    targets: list[Tensor]
+    weights: list[Tensor]
+    prior: Tensor | None = None
+
+    def add(self, keys: list[Tensor], targets: list[Tensor], weights: list[Tensor], *, weight: float) -> None:
+        self.keys += keys
+        self.targets += targets
+        self.weights += [w * weight for w in weights]
+
+    def edit(self, p: TrceEotParams, label: str) -> KVEdit:
+        return KVEdit(
+            keys=torch.cat(self.keys),
+            targets=torch.cat(self.targets),
+            weights=torch.cat(self.weights),
+            prior=self.prior,
+            prior_scale=p.eta,
+            ridge=p.ridge,
+            projections=tuple(p.projections),
+            label=label + (", pooled vectors" if self.stream == "pooled" else ""),
+            stream=self.stream,
+        )
+
+
+def _pooled_mapping(
+    ctx: EditContext, p: TrceEotParams, malicious: PromptEncoding, safe: PromptEncoding, captions: list[str] | None
+) -> _Mapping | None:
+    """FLUX's CLIP pooled vector is CLIP's [EoT] output: each malicious prompt's maps to its safe
+    prompt's with the [EoT] rows' weight, through the pooled projection, with the captions' pooled
+    prior. None on backbones without maps of the pooled vector, or when [EoT] rows weigh nothing."""
+    if not ctx.adapter.pooled_layers() or p.rows.eot == 0 or malicious.pooled is None or safe.pooled is None:
+        return None
+    n = len(malicious)
+    mapping = _Mapping("pooled", [malicious.pooled], [safe.pooled], [torch.full((n,), p.rows.eot / n)])
+    if p.prior is not None and captions is not None:
+        mapping.prior = embedding_prior(ctx, captions, stream="pooled")
+    return mapping
 
 
 def _mapping_rows(

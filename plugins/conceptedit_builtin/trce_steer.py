@@ -45,7 +45,7 @@ Differences from the reference code, on purpose (docs/methods/trce.md):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +141,13 @@ class TrceSteer(EditMethod[TrceSteerParams]):
     paper = "Chen et al., TRCE, ICCV 2025, arXiv:2503.07389"
     Params = TrceSteerParams
     backbones = frozenset({"sd1", "sd2", "sdxl"})
+    unsupported_backbones: ClassVar[dict[str, str]] = {
+        "flux": (
+            "it trains the UNet's image-side attention (attn1, attn2.to_q by default) on early DDPM steps "
+            "(t >= 480); FLUX's joint attention does not separate self- from cross-attention, and its flow "
+            "schedule has no counterpart of that step window"
+        )
+    }
     Training = TrceSteerTraining
 
     def trainable_parameters(self, ctx: EditContext) -> Iterable[str]:

@@ -18,6 +18,11 @@ The older script also always preserves the empty prompt ``''`` (all 77 rows), wi
 rebuilding that script (and RECE's start) takes ``preserve: [""]`` (plus its own preserve
 concepts) and that ``preserve_scale``, with ``rows: last_word_to_end`` and
 ``preserve_rows: all``; leaving the ``''`` out changes the edit by most of its size.
+
+On FLUX the rows are T5's and the edited map is ``context_embedder`` (both ``k`` and ``v``); the
+prompts' CLIP pooled vectors, which FLUX also reads, get the same problem on the pooled
+projection's first linear map: each erase prompt's pooled vector moves to its guide's, the
+preserve prompts' stay (docs/backbones.md, "FLUX").
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class Uce(EditMethod[UceParams]):
     kind = "closed_form"
     paper = "Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024, arXiv:2308.14761"
     Params = UceParams
-    backbones = frozenset({"sd1", "sd2", "sdxl"})
+    backbones = frozenset({"sd1", "sd2", "sdxl", "flux"})
 
     def encode_prompts(self, ctx: EditContext, prompts: Sequence[str]) -> PromptEncoding:
         p = self.params
@@ -64,8 +69,13 @@ class Uce(EditMethod[UceParams]):
         erase = self.encode_prompts(ctx, [pair.source for pair in pairs])
         guide = self.encode_prompts(ctx, [pair.target for pair in pairs])
         keys, guides = aligned_rows(erase, guide, p.rows)
-        preserve = select_rows(self.encode_prompts(ctx, p.preserve), p.preserve_rows or p.rows) if p.preserve else None
+        kept = self.encode_prompts(ctx, p.preserve) if p.preserve else None
+        preserve = select_rows(kept, p.preserve_rows or p.rows) if kept is not None else None
         yield p.erase_edit(keys, guides, preserve, label=f"UCE erase ({len(pairs)} prompts, {keys.shape[0]} rows)")
+        if ctx.adapter.pooled_layers() and erase.pooled is not None and guide.pooled is not None:
+            kept_pooled = kept.pooled if kept is not None else None
+            label = f"UCE erase, pooled vectors ({len(pairs)} prompts)"
+            yield p.erase_edit(erase.pooled, guide.pooled, kept_pooled, label=label, stream="pooled")
 
 
 @hookimpl

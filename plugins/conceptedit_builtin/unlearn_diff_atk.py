@@ -183,7 +183,7 @@ class UnlearnDiffAtk(Evaluator):
             hidden = adapter.encode_token_embeddings(ids, embeds)
             t = torch.randint(0, train_steps, (1,), generator=generator)
             noise = torch.randn(clean.shape, generator=generator).to(clean.device)
-            noisy = add_noise(alphas, clean, noise, t)
+            noisy = add_noise(alphas, clean, noise, t, prediction=kind)
             predicted = adapter.predict_noise(noisy, t.to(clean.device), hidden).float()
             loss = torch.nn.functional.mse_loss(predicted, training_target(alphas, clean, noise, t, prediction=kind))
             # Only the soft tokens get gradients: the model's own parameters are never touched.
