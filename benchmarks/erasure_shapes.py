@@ -91,6 +91,10 @@ TRCE: dict[str, Any] = {
     "steer_kept": False,
 }
 
+#: TRCE's stage-1 settings chosen again on builtin:shapes-xl's tuning split (``--tune 1 --model
+#: builtin:shapes-xl``, erasure_shapes_xl_tuning1_*.json); its stage 2 keeps builtin:shapes' settings.
+TRCE_BY_MODEL: dict[str, dict[str, Any]] = {"builtin:shapes-xl": {**TRCE, "eta": 0.01, "following": 1.0}}
+
 
 def concept_sets(target: str, anchor: str, pairs: int = TRCE["pairs"]) -> dict[str, Any]:
     """The recipe's concept sets for ``target``: generated captions (tuning vocabulary only) and, for
@@ -243,12 +247,13 @@ MIXES: dict[str, tuple[str, ...]] = {
 }
 
 
-def edits(target: str, prior: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every edit measured on ``target``: TRCE 1 and 1+2, each peer, and the :data:`MIXES`."""
-    out = {
-        "TRCE stage 1": [stage1(target, prior)],
-        "TRCE 1+2": [stage1(target, prior), stage2(target, kept=prior if TRCE["steer_kept"] else None)],
-    }
+def edits(target: str, prior: Path, trce: dict[str, Any] = TRCE) -> dict[str, list[dict[str, Any]]]:
+    """Every edit measured on ``target``: TRCE 1 and 1+2 (with ``trce``'s settings), each peer, and the
+    :data:`MIXES`."""
+    first = stage1(target, prior, trce["eta"], trce["following"])
+    kept = prior if trce["steer_kept"] else None
+    second = stage2(target, trce["steer_steps"], trce["steer_lr"], trce["steer_guidance"], trce["steer_anchors"], kept)
+    out = {"TRCE stage 1": [first], "TRCE 1+2": [first, second]}
     out |= peers(target)
     for label, parts in MIXES.items():
         if all(part in out for part in parts):
@@ -382,6 +387,7 @@ def run(
     host = get_host()
     base = conceptedit.load_model(model).pipeline
     attacks = token_attacks_supported(base)
+    trce = TRCE_BY_MODEL.get(model, TRCE)
     work = Path(tempfile.mkdtemp(prefix="erasure-shapes-"))
     rows: list[dict[str, Any]] = []
     chance: dict[str, dict[str, Any]] = {}
@@ -392,7 +398,7 @@ def run(
         "sampler": f"DDIM {SAMPLER['steps']} steps, CFG {SAMPLER['guidance']}",
         "threads": torch.get_num_threads(),
         "targets": {t: TARGETS[t] for t in targets},
-        "trce": TRCE,
+        "trce": trce,
         "peers": PEERS,
         "attack": ATTACK,
         "tuning_split": "shapes-tuning and shapes-tuning-neighbours (context words outside HELD_OUT_CONTEXT_WORDS, "
@@ -419,13 +425,13 @@ def run(
                 for r in evaluate(base, [spec], host=host, base_pipeline=base)
             }
             add(row("no edit", target, base_metrics, base_metrics, 0.0))
-            for label, edit in edits(target, prior).items():
+            for label, edit in edits(target, prior, trce).items():
                 if only and label not in only:
                     continue
                 applied = apply_edit(concepts, edit, work / f"{target}-{len(rows)}", model)
                 metrics = measure(applied.pipeline, base, target, anchor, seeds, edit_prompts, attacks=attacks)
                 add(row(label, target, metrics, base_metrics, applied.seconds))
-                _save_grid(label, target, applied.pipeline, base, out)
+                _save_grid(label, target, applied.pipeline, base, out, model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -473,8 +479,9 @@ def _edit_prompts(concepts: dict[str, Any], target: str, prior: Path) -> list[st
     return [pair.source for pair in loaded.concepts[target][:EDIT_PROMPTS]]
 
 
-def _save_grid(label: str, target: str, pipe: Any, base: Any, out: Path) -> None:
-    """Base and edited images of eight held-out-context prompts of the target and four of its neighbours."""
+def _save_grid(label: str, target: str, pipe: Any, base: Any, out: Path, model: str = MODEL) -> None:
+    """Base and edited images of eight held-out-context prompts of the target and four of its neighbours
+    (``grid_<target>__<edit>.png``; on another model than builtin:shapes, ``grid_<model>_<target>__<edit>.png``)."""
     splits = benchmark_splits(target, per_phrasing=1, seed=0)
     contexts = list(splits["held-out contexts"].texts)
     neighbours = list(splits["neighbours"].texts)
@@ -483,7 +490,10 @@ def _save_grid(label: str, target: str, pipe: Any, base: Any, out: Path) -> None
     before = [Image.fromarray(im) for im in generate(base, prompts, seeds)]
     after = [Image.fromarray(im) for im in generate(pipe, prompts, seeds)]
     out.mkdir(parents=True, exist_ok=True)
-    grid([("base", before), (label, after)], min_cell=72).save(out / f"grid_{_slug(target)}__{_slug(label)}.png")
+    prefix = "" if model == MODEL else f"{_slug(model.removeprefix('builtin:'))}_"
+    grid([("base", before), (label, after)], min_cell=72).save(
+        out / f"grid_{prefix}{_slug(target)}__{_slug(label)}.png"
+    )
 
 
 def _slug(text: str) -> str:
@@ -656,6 +666,15 @@ def render(result: dict[str, Any]) -> str:
         "",
         *(
             []
+            if result.get("model", MODEL) == MODEL
+            else [
+                f"TRCE's settings on this model: {result['trce']}. Stage 1's were chosen again on this model's "
+                "tuning split (`--tune 1`); stage 2's and the peers' are those chosen on builtin:shapes'.",
+                "",
+            ]
+        ),
+        *(
+            []
             if result.get("attacks", True)
             else [
                 "Attacks not measured: this backbone's adapter refuses token-embedding attacks (SDXL: two "
@@ -690,34 +709,39 @@ def render(result: dict[str, Any]) -> str:
         "",
         "Intervals in this table pool every target's images.",
         "",
-        "## Mixes against their parts (mean erased, mean kept relative)",
-        "",
-        "| mix | targets | its point | parts | beyond both parts |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {v['mix']} | {', '.join(v['targets'])} | {v['point'][0]:.0%}, {v['point'][1]:.0%} | "
-            + "; ".join(f"{p}: {e:.0%}, {k:.0%}" for p, (e, k) in v["parts"].items())
-            + f" | {'yes' if v['beyond_both'] else 'no'} |"
-            for v in mix_verdicts(result["rows"])
-        ),
-        "",
-        "Beyond both parts: neither part, nor any blend of the two on the segment between their points, "
-        "erases at least as much while keeping at least as much.",
-        "",
-        "## Chance baselines (base model, neighbour prompts, the target by accident)",
-        "",
-        "| target | UDA | random tokens |",
-        "|---|---|---|",
     ]
-    for target, chance in result["chance"].items():
-        if not chance:  # attacks not measured on this backbone
-            continue
-        lines.append(
-            f"| {target} | {pct(_interval(chance['chance_gradient'], 'attack_success_rate'))} | "
-            f"{pct(_interval(chance['chance_random'], 'attack_success_rate'))} |"
-        )
+    verdicts = mix_verdicts(result["rows"])
+    if verdicts:
+        lines += [
+            "## Mixes against their parts (mean erased, mean kept relative)",
+            "",
+            "| mix | targets | its point | parts | beyond both parts |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {v['mix']} | {', '.join(v['targets'])} | {v['point'][0]:.0%}, {v['point'][1]:.0%} | "
+                + "; ".join(f"{p}: {e:.0%}, {k:.0%}" for p, (e, k) in v["parts"].items())
+                + f" | {'yes' if v['beyond_both'] else 'no'} |"
+                for v in verdicts
+            ),
+            "",
+            "Beyond both parts: neither part, nor any blend of the two on the segment between their points, "
+            "erases at least as much while keeping at least as much.",
+            "",
+        ]
+    if result.get("attacks", True):
+        lines += [
+            "## Chance baselines (base model, neighbour prompts, the target by accident)",
+            "",
+            "| target | UDA | random tokens |",
+            "|---|---|---|",
+            *(
+                f"| {target} | {pct(_interval(chance['chance_gradient'], 'attack_success_rate'))} | "
+                f"{pct(_interval(chance['chance_random'], 'attack_success_rate'))} |"
+                for target, chance in result["chance"].items()
+            ),
+            "",
+        ]
     lines += [
-        "",
         "## Every edit and target",
         "",
         "| edit | target | erased | anchor | phrasings | edit prompts | kept acc. | kept rel. | drift mean/max ° "
