@@ -585,12 +585,14 @@ def part_cache() -> dict[str, Any]:
     _rmtree(RESULTS / "tmp-cache")
     new = sorted(set((default_cache_dir() / "trajectories").glob("*.safetensors")) - before)
     out: dict[str, Any] = {}
-    per_latent = 2 * LATENT[0] * LATENT[1] * LATENT[2] + 3 * 8  # fp16 latent + index + timestep
+    per_target = 2 * LATENT[0] * LATENT[1] * LATENT[2]  # one fp16 latent-sized prediction
+    per_latent = per_target + 3 * 8  # fp16 latent + index + timestep
     reference_per_trajectory = (1 + 2 * 50) * LATENT[0] * LATENT[1] * LATENT[2] * 4  # noise + 50 x (latent, eps), fp32
     for path in new:
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata()
             kept = fh.get_slice("latents").get_shape()[0]
+            targets = sum(key.startswith("target.") for key in fh.keys())  # noqa: SIM118 - no iterator
         label = meta["label"]
         trajectories = 100 if label == "malicious" else 2000
         sampled = int(meta["trajectories"])
@@ -600,6 +602,12 @@ def part_cache() -> dict[str, Any]:
             "trajectories_sampled": sampled,
             "latents_kept": kept,
             "bytes_per_trajectory_sd14": round(ours),
+            # frozen targets stored with the latents (training.frozen_targets: cached), fp16 latent-sized each
+            "frozen_targets": targets,
+            "target_bytes_per_trajectory_sd14": round(kept * targets * per_target / trajectories),
+            "target_fraction_of_reference": round(
+                kept * targets * per_target / trajectories / reference_per_trajectory, 4
+            ),
             "reference_bytes_per_trajectory": reference_per_trajectory,
             "fraction_of_reference": round(ours / reference_per_trajectory, 4),
         }

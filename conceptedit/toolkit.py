@@ -14,7 +14,8 @@ else, so a third-party method has every tool a built-in has. Grouped by hook poi
   :func:`second_moment`), k-means representatives of invariant rows (:func:`kmeans_centers`),
   the solver's closed form itself (:func:`null_space_delta`) and the one map ``W' = W M`` of an
   unconstrained edit (:func:`edit_map`, e.g. to rank inputs by how much an erasure moves them);
-* trajectory loss: cached or fresh DDIM latents (:func:`sample_planned`, :func:`partial_ddim`),
+* trajectory loss: cached or fresh DDIM latents (:func:`sample_planned`, :func:`partial_ddim`) and
+  frozen-model targets stored with them (:class:`FrozenTarget`),
   training plans and timestep samplers, named parameter sets, seeds; the forward process
   (:func:`add_noise`) and the true target in the model's prediction type (:func:`training_target`:
   ε, v on SD-2.x 768, the flow velocity on FLUX; :func:`output_from_noise` for latents known by ``x_t``;
@@ -95,7 +96,14 @@ from conceptedit.engine.schedules import (
 )
 from conceptedit.engine.selectors import select_parameter_set, select_parameters
 from conceptedit.engine.subspaces import ThresholdRule, kmeans_centers, null_space_projector, second_moment
-from conceptedit.engine.trajectories import PlannedLatents, ddim_timesteps, partial_ddim, sample_planned, seeded_noise
+from conceptedit.engine.trajectories import (
+    FrozenTarget,
+    PlannedLatents,
+    ddim_timesteps,
+    partial_ddim,
+    sample_planned,
+    seeded_noise,
+)
 from conceptedit.evaluation.metrics import attack_metrics, change_metrics, fid_from_features
 from conceptedit.evaluation.stats import Rate, wilson_interval
 from conceptedit.models.backbone import StableDiffusionAdapter
@@ -150,6 +158,7 @@ __all__ = [
     "EsdSample",
     "EsdUnetParams",
     "FluxAdapter",
+    "FrozenTarget",
     "MomentumBuffer",
     "NegativeGuidance",
     "NegativeGuidanceParams",

@@ -12,7 +12,9 @@ of a malicious trajectory at its timestep t,
 test records which latents the plugin read at step 2 and the trained weights θ at the start of
 steps 1 and 2 (θ before step 1 *is* the stage-1 model), then evaluates the formula with plain
 diffusers UNets built from those weights and a fresh original model: no engine code, no
-reference-weight swapping. Everything runs in float64, so the two agree to rounding.
+reference-weight swapping. Everything runs in float64, so the two agree to rounding. The
+frozen predictions are recomputed every step here (``frozen_targets: recompute``): the cached ones
+are stored in float16, and tests/test_frozen_targets.py bounds how far training on them strays.
 """
 
 from __future__ import annotations
@@ -111,7 +113,11 @@ def test_one_step_loss_is_the_reference_formula(tmp_path: Path, monkeypatch: pyt
     seen = _record(monkeypatch)
     stage1 = {"method": "trce_eot", "params": {"concepts": "nsfw", "prior": None, "ridge": 0.1}}
     params = {**PARAMS, "anchors": anchors}
-    stage2 = {"method": "trce_steer", "params": params, "training": {"steps": STEP, "lr": 1e-3}}
+    stage2 = {
+        "method": "trce_steer",
+        "params": params,
+        "training": {"steps": STEP, "lr": 1e-3, "frozen_targets": "recompute"},
+    }
     recipe = tiny_recipe(stage1, stage2, concepts={"nsfw": {"pairs": PAIRS, "templates": ["{}"]}})
     conceptedit.apply(recipe, pipeline=build_tiny_sd(dtype=F64), out=tmp_path / "run", quiet=True)
     logged = json.loads((tmp_path / "run" / "logs" / "trce_steer.jsonl").read_text().splitlines()[STEP - 1])
@@ -171,7 +177,11 @@ def test_caption_regulariser_keeps_each_captions_own_prediction(
     (tmp_path / "kept.txt").write_text("\n".join(kept) + "\n")
     stage1 = {"method": "trce_eot", "params": {"concepts": "nsfw", "prior": None, "ridge": 0.1}}
     params = {**PARAMS, "preserve_captions": str(tmp_path / "kept.txt"), "caption_trajectories": 2}
-    stage2 = {"method": "trce_steer", "params": params, "training": {"steps": STEP, "lr": 1e-3}}
+    stage2 = {
+        "method": "trce_steer",
+        "params": params,
+        "training": {"steps": STEP, "lr": 1e-3, "frozen_targets": "recompute"},
+    }
     recipe = tiny_recipe(stage1, stage2, concepts={"nsfw": {"pairs": PAIRS, "templates": ["{}"]}})
     conceptedit.apply(recipe, pipeline=build_tiny_sd(dtype=F64), out=tmp_path / "run", quiet=True)
     logged = json.loads((tmp_path / "run" / "logs" / "trce_steer.jsonl").read_text().splitlines()[STEP - 1])

@@ -91,6 +91,10 @@ class EditContext(Protocol):
         """Identifies the base model, for cache keys."""
 
     @property
+    def edit_start_fingerprint(self) -> str:
+        """Identifies the model at this edit's start (base model and earlier edits), for cache keys."""
+
+    @property
     def process_index(self) -> int | None:
         """This process's rank when several train data-parallel, else None."""
 

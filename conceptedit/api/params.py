@@ -45,6 +45,12 @@ class TrainingConfig(BaseModel):
         "it does not train, the VAE; never the denoiser) while it runs, from a temporary safetensors file; they "
         "come back bit for bit, and on demand if a method encodes prompts mid-training.",
     )
+    frozen_targets: Literal["cached", "recompute"] = Field(
+        "cached",
+        description="Frozen-model predictions a trajectory-loss method needs at its cached latents: cached = "
+        "computed once when the latents are sampled and stored with them (float16), so a step runs only the "
+        "trained model; recompute = run the frozen model again every step (today's path, for comparison).",
+    )
     checkpoint_every: PositiveInt | None = Field(
         None, description="Save a resumable checkpoint every N steps (None: only at the end)."
     )

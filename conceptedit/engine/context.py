@@ -145,6 +145,13 @@ class EditContext:
         return self.run.base_fingerprint
 
     @property
+    def edit_start_fingerprint(self) -> str:
+        """Identifies the model at this edit's start (the base model and what earlier edits changed),
+        for cache keys of results computed with ``reference_weights("edit_start")``."""
+        changes = self.run.ledger.edit_start_digest()
+        return hashlib.sha256(f"{self.base_fingerprint}|{changes}".encode()).hexdigest()
+
+    @property
     def process_index(self) -> int | None:
         """This process's rank when several train data-parallel, else None."""
         return self.run.process_index

@@ -67,6 +67,22 @@ class WeightLedger:
                 out[name] = current.to("cpu", copy=True)
         return out
 
+    def edit_start_digest(self) -> str:
+        """sha256 over every parameter whose value at this edit's start differs from the base model.
+
+        The model at an edit's start is the base model plus what earlier edits changed; those are
+        exactly the recorded parameters whose edit-start (or, untouched by this edit, current)
+        value is not the base value. Empty when no earlier edit changed anything.
+        """
+        digest = hashlib.sha256()
+        for name in sorted(self.base):
+            value = self.edit_start.get(name)
+            if value is None:
+                value = self.adapter.get_parameter(name).detach()
+            if not torch.equal(value, self.base[name]):
+                digest.update(f"{name}={tensor_digest(value)};".encode())
+        return digest.hexdigest()
+
     def base_digests(self, names: Iterable[str]) -> dict[str, str]:
         return {name: tensor_digest(self.base[name]) for name in names}
 

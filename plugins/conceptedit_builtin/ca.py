@@ -15,7 +15,10 @@ becomes ``v = √ᾱ_t ε − √(1−ᾱ_t) x₀`` (``training_target``); the m
 
 The anchor latents are generated once (deterministic DDIM from seeded noise) and cached like
 every other trajectory. The reference defaults to the frozen original (a fixed goal); the
-paper's code uses the current model under stop-gradient (``reference: current``).
+paper's code uses the current model under stop-gradient (``reference: current``). Its goal is not
+stored with the cache (``training.frozen_targets`` does not apply): the reference predicts at
+``x_t``, the cached generation noised afresh with a new ε and t at every read, not at a cached
+latent, so there is no fixed prediction per stored latent to compute once.
 
 Three options bring the reference code's data and learning rate back (all off by default):
 ``prompt_pairs: captions`` gives every anchor image its own caption, whose concept prompt is

@@ -11,7 +11,12 @@ trained is pushed toward the original model's *safe* guided prediction and away 
     L        = L_erase + λ · MSE(ε_θ(x',t',∅), ε_stage1(x',t',∅))   x' from unconditional runs
 
 Lean by construction: the original and stage-1 references are the one resident UNet with
-the few tensors they differ in swapped in (``ctx.reference_weights``), not extra copies.
+the few tensors they differ in swapped in (``ctx.reference_weights``), not extra copies. With
+``training.frozen_targets: cached`` (the default) they do not even run during training: the latents
+come from a plan drawn up front and the references do not train, so ε(x,t,c_m), ε(x,t,∅) (by-products
+of sampling the malicious runs), ε(x,t,c_s) and ε_stage1(x',t',∅) are computed once with the
+trajectories and stored beside them (float16, :class:`~conceptedit.toolkit.FrozenTarget`); each step
+runs only the trained model. ``recompute`` runs the references every step, as before.
 
 On a v-prediction model (SD-2.x 768) every ε above is the model's output, v: ``f_safe`` and
 ``f_unsafe`` weigh outputs at the same ``x`` with weights summing to one, so they are the v of the
@@ -55,6 +60,7 @@ from torch import Tensor
 from conceptedit import ConceptRef, EditContext, EditMethod, MethodParams, PathText, TrainingConfig, hookimpl
 from conceptedit.toolkit import (
     DrawCounter,
+    FrozenTarget,
     PlannedLatents,
     ddim_timesteps,
     draw_pairs,
@@ -172,6 +178,14 @@ class TrceSteer(EditMethod[TrceSteerParams]):
         draws = ctx.training.steps * self._draw.grad_accum
         runs = n * p.trajectories_per_concept
         g = ctx.generator
+        # Frozen predictions stored with the latents (frozen_targets: cached); none when recomputed per step.
+        self.cached_targets = ctx.training.frozen_targets == "cached"
+        stage1 = {"stage1": FrozenTarget("edit_start")} if self.cached_targets else {}
+        mal_targets = {
+            "malicious": FrozenTarget("base"),
+            "safe": FrozenTarget("base", [pairs[j // p.trajectories_per_concept][1] for j in range(runs)]),
+            "empty": FrozenTarget("base", ""),
+        }
         mal_plan = draw_pairs(g, draws, runs, early)
         reg_plan = draw_pairs(g, draws, p.unconditional_trajectories, p.sampling_steps, per_draw=p.regularization_batch)
         self.mal = sample_planned(
@@ -183,6 +197,7 @@ class TrceSteer(EditMethod[TrceSteerParams]):
             steps=p.sampling_steps,
             weights="base",
             label="malicious",
+            targets=mal_targets if self.cached_targets else None,
         )
         self.reg = sample_planned(
             ctx,
@@ -193,6 +208,7 @@ class TrceSteer(EditMethod[TrceSteerParams]):
             steps=p.sampling_steps,
             weights="base",
             label="unconditional",
+            targets=stage1,
         )
         self.kept: PlannedLatents | None = None
         if p.preserve_captions is not None:
@@ -209,6 +225,7 @@ class TrceSteer(EditMethod[TrceSteerParams]):
                 steps=p.sampling_steps,
                 weights="base",
                 label="kept captions",
+                targets=stage1,
             )
 
     def _prompt_pairs(self, ctx: EditContext) -> list[tuple[str, str]]:
@@ -234,12 +251,19 @@ class TrceSteer(EditMethod[TrceSteerParams]):
             xr, tr, cr = torch.cat([xr, xk]), torch.cat([tr, tk]), torch.cat([cr, self.kept_hidden[ks]])
 
         with torch.no_grad():
-            with ctx.reference_weights("base"):  # the original model
-                e_m, e_s, e_0 = _wide(
-                    ctx.predict_noise(x.expand(3, -1, -1, -1), t.expand(3), torch.cat([c_m, c_s, empty]), frozen=True)
-                ).chunk(3)
-            with ctx.reference_weights("edit_start"):  # the stage-1 model
-                reg_target = _wide(ctx.predict_noise(xr, tr, cr, frozen=True))
+            if self.cached_targets:  # computed when the latents were sampled
+                e_m, e_s, e_0 = (self.mal.target(name, draw, ctx.device) for name in ("malicious", "safe", "empty"))
+                reg_target = self.reg.target("stage1", draw, ctx.device)
+                if self.kept is not None:
+                    reg_target = torch.cat([reg_target, self.kept.target("stage1", draw, ctx.device)])
+            else:
+                with ctx.reference_weights("base"):  # the original model
+                    hidden = torch.cat([c_m, c_s, empty])
+                    e_m, e_s, e_0 = _wide(
+                        ctx.predict_noise(x.expand(3, -1, -1, -1), t.expand(3), hidden, frozen=True)
+                    ).chunk(3)
+                with ctx.reference_weights("edit_start"):  # the stage-1 model
+                    reg_target = _wide(ctx.predict_noise(xr, tr, cr, frozen=True))
             f_safe = e_s + p.guidance * (e_s - e_0)
             f_unsafe = e_m + p.guidance * (e_m - e_0)
 
