@@ -230,9 +230,6 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     def encode_token_embeddings(self, input_ids: Tensor, token_embeds: Tensor) -> Tensor:
         raise BackboneError(_UNSUPPORTED_TOKEN_ATTACKS)
 
-    def _encode(self, ids: Tensor, ids_2: Tensor) -> tuple[Tensor, Tensor]:
-        return encode_rows(self.text_encoder, self.text_encoder_2, ids, ids_2)
-
     @torch.no_grad()
     def encode_prompts(
         self,
@@ -256,7 +253,12 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         eot = torch.maximum(first_eot_index(ids, eos), first_eot_index(ids_2, int(self.tokenizer_2.eos_token_id)))
         hidden, pooled = [], []
         for start in range(0, len(prompts), batch_size):
-            rows, pool = self._encode(ids[start : start + batch_size], ids_2[start : start + batch_size])
+            rows, pool = encode_rows(
+                self.text_encoder,
+                self.text_encoder_2,
+                ids[start : start + batch_size],
+                ids_2[start : start + batch_size],
+            )
             hidden.append(rows)
             pooled.append(pool)
         encoding = PromptEncoding(
