@@ -7,8 +7,9 @@ Each part runs in its own process so peak memory is that part's alone:
   copies of the K/V layers, a per-pair loop over 4 token rows, one ``torch.inverse`` per layer),
   timed in the same process, with the largest difference between the two W'.
 * ``stage2``  -- seconds per step and peak resident memory of ``trce_steer`` (one resident UNet,
-  references by tensor swapping) and of the reference layout (three resident fp32 UNets), on
-  the same latents, timesteps and prompts.
+  frozen targets stored with the trajectories), without and with block checkpointing, and of the
+  reference layout (three resident fp32 UNets running the reference's frozen passes every step),
+  on the same latents, timesteps and prompts (``STRATEGIES``).
 * ``cache``   -- trajectory-cache bytes per trajectory for the paper's schedule (100 malicious
   trajectories, 2,000 unconditional, 300 steps) vs the reference's files (all 50 steps, fp32,
   noise predictions included).
@@ -29,6 +30,11 @@ float32) and writes benchmarks/results/trce_scale_sdxl.{json,md}:
   floors are recorded. Every part is killed if its resident set passes 20 GiB.
 
     python benchmarks/trce_scale.py --backbone sdxl --reuse
+
+``--device cuda`` runs the SD-1.4 parts on a GPU (``benchmarks/gpu.sh``) and writes
+benchmarks/results/trce_scale_cuda.{json,md} with the device's name; stage 2 then also runs the lean
+strategy under bf16 autocast (``mixed_precision: bf16``, fp32 master weights) and reports the CUDA
+allocator's peak next to the resident set.
 """
 
 from __future__ import annotations
@@ -96,6 +102,9 @@ BACKBONES = {
     "sdxl": Backbone("sdxl", "builtin:sdxl-random", "build_sdxl_random", "trce_scale_sdxl", 100, 2, 4, 2, 16, 20),
 }
 
+#: Where the parts run (``--device``); children get the same flag.
+_DEVICE = {"name": "cpu"}
+
 #: Never let a part's resident set pass this (the machine is shared): the parent kills it first.
 RSS_LIMIT_GIB = 20.0
 
@@ -104,7 +113,7 @@ def _recipe(edits: list[dict[str, Any]], bb: Backbone, concepts: int = 20, templ
     return {
         "schema_version": 1,
         "model": bb.model,
-        "device": "cpu",
+        "device": _DEVICE["name"],
         "seed": 0,
         "concepts": {
             "sexual": {
@@ -124,11 +133,11 @@ def _stage1_edit(captions: str, limit: int) -> dict[str, Any]:
     }
 
 
-def _build(bb: Backbone, device: str = "cpu") -> Any:
-    """The backbone's builtin pipeline (random weights; ``device="meta"`` allocates nothing)."""
+def _build(bb: Backbone, device: str | None = None) -> Any:
+    """The backbone's builtin pipeline on ``--device`` (random weights; ``device="meta"`` allocates nothing)."""
     from conceptedit.models import builtin
 
-    return getattr(builtin, bb.build)(device=device)
+    return getattr(builtin, bb.build)(device=device or _DEVICE["name"])
 
 
 def _adapter(pipe: Any) -> Any:
@@ -293,6 +302,7 @@ def _reference_stage1(
     n = len(pairs)
     for j, (name, module) in enumerate(projections):
         w = module.weight.detach().double()
+        prior = prior.to(w.device)
         mat1 = eta * w @ prior
         mat2 = eta * prior.clone()
         for ctx_rows, val_rows in zip(contexts, values[j], strict=True):
@@ -313,12 +323,36 @@ def _restore(pipe: Any, weights: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- stage 2
 
 
-#: Activation strategies: conceptedit's defaults for SD-1.4 (one sample per call, rebuilt in
-#: backward, block checkpointing, text encoder and VAE parked) and the reference's (each trained
-#: pass back-propagated on its own, nothing checkpointed, every module resident).
+#: How stage 2 spends memory and time. Every strategy passes one sample per UNet call and back-propagates
+#: it at once (stage 2's loss is a sum over its samples, ``ctx.separable_loss``), so one sample's graph is
+#: alive at a time.
+#: ``lean``: conceptedit's default for SD-1.4: frozen targets stored with the trajectories (a step runs the
+#: trained model only), text encoder and VAE parked on disk, nothing checkpointed.
+#: ``checkpointed``: the same with block gradient checkpointing (less activation memory, one more forward).
+#: ``reference``: the reference's passes every step (three frozen forwards of the original, the stage-1
+#: model's forwards on the regulariser latents), every module resident, nothing checkpointed.
 STRATEGIES: dict[str, dict[str, Any]] = {
-    "lean": {"micro_batch": 1, "gradient_checkpointing": True, "park_idle_modules": True},
-    "reference": {"micro_batch": 1, "gradient_checkpointing": False, "park_idle_modules": False},
+    "lean": {"micro_batch": 1, "gradient_checkpointing": False, "park_idle_modules": True, "frozen_targets": "cached"},
+    "checkpointed": {
+        "micro_batch": 1,
+        "gradient_checkpointing": True,
+        "park_idle_modules": True,
+        "frozen_targets": "cached",
+    },
+    "reference": {
+        "micro_batch": 1,
+        "gradient_checkpointing": False,
+        "park_idle_modules": False,
+        "frozen_targets": "recompute",
+    },
+    # GPU only: the lean strategy under bf16 autocast, fp32 master weights.
+    "lean_bf16": {
+        "micro_batch": 1,
+        "gradient_checkpointing": False,
+        "park_idle_modules": True,
+        "frozen_targets": "cached",
+        "mixed_precision": "bf16",
+    },
 }
 
 
@@ -362,6 +396,7 @@ def part_stage2(layout: str, steps: int, strategy: str) -> dict[str, Any]:
         "seconds_per_step": round(_STEP_TIMES["mean"], 1),
         "peak_rss_gib_run": _gib(memory.peak_rss_bytes),
         "peak_rss_gib_training": _gib(train.peak_rss_bytes),
+        "peak_cuda_gib_training": _gib(train.peak_cuda_bytes),
     }
 
 
@@ -690,11 +725,13 @@ def _memory_available() -> int | None:
 
 
 def _machine() -> dict[str, Any]:
+    device = _DEVICE["name"]
     return {
         "platform": platform.platform(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
     }
 
 
@@ -710,7 +747,11 @@ def main() -> None:
     parser.add_argument("--templates", type=int, help="stage-1 templates per concept (sd14: 15, sdxl: 4)")
     parser.add_argument("--memory-cap-gib", type=float, help="address-space cap of this process (RLIMIT_AS)")
     parser.add_argument("--reuse", action="store_true", help="reuse parts already measured (results/<stem>.parts)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the SD-1.4 parts run")
     args = parser.parse_args()
+    _DEVICE["name"] = args.device
+    if args.device == "cuda" and args.backbone != "sd14":
+        raise SystemExit("--device cuda measures the SD-1.4 parts; --backbone sdxl runs on the CPU")
     bb = BACKBONES[args.backbone]
     steps = args.steps or bb.steps
     captions = args.captions or bb.captions
@@ -735,21 +776,30 @@ def main() -> None:
     if bb.name != "sd14":
         run_large(bb, steps, captions, concepts, templates, args.reuse)
         return
-    # The reference's layout as it runs, and the same three UNets given conceptedit's activation
-    # strategy, which isolates what the one-UNet layout saves.
+    # conceptedit's layout without and with checkpointing (on a GPU also under bf16 autocast), then the
+    # reference's passes in its layout, which render() expects last.
+    layouts = [("lean", "lean"), ("lean", "checkpointed"), ("three", "reference")]
+    if args.device == "cuda":
+        layouts.insert(2, ("lean", "lean_bf16"))
+    stem = "trce_scale" if args.device == "cpu" else f"trce_scale_{args.device}"
+    device = [] if args.device == "cpu" else ["--device", args.device]
     stage2 = [
-        _run_part(["--part", "stage2", "--layout", layout, "--strategy", strategy, "--steps", str(steps)], args.reuse)
-        for layout, strategy in (("lean", "lean"), ("three", "reference"), ("three", "lean"))
+        _run_part(
+            ["--part", "stage2", "--layout", layout, "--strategy", strategy, "--steps", str(steps), *device],
+            args.reuse,
+            f"{stem}.parts",
+        )
+        for layout, strategy in layouts
     ]
     results = {
         "machine": _machine(),
-        "stage1": _run_part(["--part", "stage1", "--captions", str(captions)], args.reuse),
+        "stage1": _run_part(["--part", "stage1", "--captions", str(captions), *device], args.reuse, f"{stem}.parts"),
         "stage2": stage2,
-        "trajectory_cache": _run_part(["--part", "cache"], args.reuse),
+        "trajectory_cache": _run_part(["--part", "cache"], args.reuse, f"{stem}.parts"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "trce_scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "trce_scale.md").write_text(render(results))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(render(results))
     print(render(results))
 
 
@@ -762,7 +812,7 @@ def run_large(bb: Backbone, steps: int, captions: int, concepts: int, templates:
     # Stage 1 first: it caches the prior stage 2's first edit reads.
     s1 = _run_part(stage1, reuse, parts)
     s2 = [*common, "--part", "stage2", "--steps", str(steps), "--captions", str(captions)]
-    lean = _run_part([*s2, "--layout", "lean", "--strategy", "lean"], reuse, parts, may_fail=True)
+    lean = _run_part([*s2, "--layout", "lean", "--strategy", "checkpointed"], reuse, parts, may_fail=True)
     cap = bb.memory_cap_gib or RSS_LIMIT_GIB
     available = _memory_available()
     if available is not None:  # leave the machine's other users at least 1.5 GiB
@@ -787,11 +837,27 @@ def run_large(bb: Backbone, steps: int, captions: int, concepts: int, templates:
 
 
 def render(r: dict[str, Any]) -> str:
-    s1, (lean, three, three_lean) = r["stage1"], r["stage2"]
+    s1, (*ours, three) = r["stage1"], r["stage2"]
+    lean = ours[0]
+    cuda = r["machine"]["device"] == "cuda"
+    memory = "peak_cuda_gib_training" if cuda else "peak_rss_gib_training"
+    ref_time, ref_mem = three["seconds_per_step"], three[memory]
+    labels = {"lean": "no checkpointing", "checkpointed": "block checkpointing", "lean_bf16": "bf16 autocast"}
+
+    def stage2_rows(part: dict[str, Any]) -> list[str]:
+        label = labels[part["strategy"]]
+        return [
+            f"| stage 2 seconds per step, {label} | {part['seconds_per_step']} | {ref_time} | "
+            f"{ref_time / part['seconds_per_step']:.2f}x faster |",
+            f"| stage 2 peak {'CUDA memory' if cuda else 'RSS'} while training, {label} (GiB) | {part[memory]} | "
+            f"{ref_mem} | {part[memory] / ref_mem:.0%} |",
+        ]
+
     lines = [
-        "# TRCE at SD-1.4 scale (builtin:sd14-random, CPU)",
+        f"# TRCE at SD-1.4 scale (builtin:sd14-random, {r['machine']['device'].upper()})",
         "",
-        f"Machine: {r['machine']['platform']}, torch {r['machine']['torch']}, {r['machine']['threads']} threads.",
+        f"Machine: {r['machine']['platform']}, {r['machine'].get('device_name', 'cpu')}, torch "
+        f"{r['machine']['torch']}, {r['machine']['threads']} threads.",
         "",
         "| measure | conceptedit | reference layout | ratio |",
         "|---|---|---|---|",
@@ -801,28 +867,29 @@ def render(r: dict[str, Any]) -> str:
         f"{s1['max_relative_difference_vs_reference_sums_fp64_inverse']:.1e} | | |",
         f"| stage 1 W' vs the reference layout's fp32 `torch.inverse` (max relative difference) | "
         f"{s1['max_relative_difference_vs_reference_fp32_inverse']:.1e} | | |",
-        f"| stage 2 seconds per step | {lean['seconds_per_step']} | {three['seconds_per_step']} | |",
-        f"| stage 2 peak RSS while training (GiB) | {lean['peak_rss_gib_training']} | "
-        f"{three['peak_rss_gib_training']} | "
-        f"{lean['peak_rss_gib_training'] / three['peak_rss_gib_training']:.0%} |",
-        f"| stage 2 peak RSS, three UNets given conceptedit's activation strategy (GiB) | "
-        f"{lean['peak_rss_gib_training']} | {three_lean['peak_rss_gib_training']} | "
-        f"{lean['peak_rss_gib_training'] / three_lean['peak_rss_gib_training']:.0%} |",
+        *(row for part in ours for row in stage2_rows(part)),
     ]
     for label, c in r["trajectory_cache"].items():
         lines.append(
-            f"| trajectory cache, {label} (bytes per trajectory) | {c['bytes_per_trajectory_sd14']:,} | "
-            f"{c['reference_bytes_per_trajectory']:,} | {c['fraction_of_reference']:.1%} |"
+            f"| trajectory cache, {label} (bytes per trajectory, frozen targets included) | "
+            f"{c['bytes_per_trajectory_sd14'] + c['target_bytes_per_trajectory_sd14']:,} | "
+            f"{c['reference_bytes_per_trajectory']:,} | "
+            f"{c['fraction_of_reference'] + c['target_fraction_of_reference']:.1%} |"
         )
     lines += [
         "",
         f"Stage 1 prior: {s1['prior_captions']} COCO captions x 77 tokens, built once in "
-        f"{s1['prior_build_seconds']} s and cached. Stage 2, {lean['steps']} steps, one sample per UNet call: "
-        "conceptedit = one resident UNet (references by swapping the tensors they differ in), each call's graph "
-        "rebuilt in backward one at a time, block checkpointing, text encoder and VAE parked on disk while "
-        "training; reference layout = three resident fp32 UNets (trained, original, stage 1), nothing "
-        "checkpointed, every module resident, each pass back-propagated on its own. The last row gives the "
-        "three-UNet layout conceptedit's activation strategy, so the difference is the layout alone.",
+        f"{s1['prior_build_seconds']} s and cached. Stage 2, {lean['steps']} steps (time per step: the mean gap "
+        "between step ends), one sample per UNet call, each back-propagated as it is computed: conceptedit = one "
+        "resident UNet, the frozen predictions (original on the malicious, safe and empty prompts; stage-1 model "
+        "on the regulariser latents) stored with the trajectories when they are sampled, so a step runs only the "
+        "six trained passes; text encoder and VAE parked on disk. Reference layout = three resident fp32 UNets "
+        "(trained, original, stage 1) running the reference's thirteen passes every step (seven frozen, six "
+        "trained), every module resident. The reference code sums all six trained passes' losses and calls "
+        "backward once, holding six graphs; the reference layout here holds one at a time, so its peak is a "
+        "lower bound of the reference's and the memory ratios are upper bounds. Cache bytes: latents and the "
+        "float16 frozen targets stored with them, vs the reference's files (all 50 steps, fp32, noise "
+        "predictions included).",
         "",
     ]
     return "\n".join(lines)

@@ -205,6 +205,7 @@ def check_export(
     if exporter.reload is None:
         return {"checked": False, "why": f"the {exporter.name} format has no loader to check it with"}
     reloaded = load_guards(exporter.reload(source.load_base(), staging), staging, host=host)
+    reloaded.set_progress_bar_config(disable=True)  # a plain diffusers load shows a bar per image otherwise
     adapter = resolve_backbone(reloaded, host.registry.backbones)
     errors = {}
     for name, value in source.edited.items():

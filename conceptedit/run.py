@@ -33,6 +33,7 @@ from conceptedit.engine.guards import GUARDS_DIR, install_guards, saved_guard_fi
 from conceptedit.engine.ledger import WeightLedger
 from conceptedit.engine.reload import load, read_manifest
 from conceptedit.errors import ConceptEditError, RunDirError
+from conceptedit.evaluation.base_cache import BaseRenderCache
 from conceptedit.evaluation.evaluate import evaluate_into
 from conceptedit.evaluation.loss_curves import read_run_logs
 from conceptedit.export_run import export
@@ -273,6 +274,7 @@ def _evaluate(run: RunContext, processes: PartialState) -> list[SuiteResult]:
         base_weights=lambda: _base_model(run),
         reporter=run.reporter,
         curves=curves,
+        base_cache=BaseRenderCache(run.cache_dir / "evaluation", run.base_fingerprint),
     )
 
 

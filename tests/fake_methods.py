@@ -62,6 +62,7 @@ class SteerParams(MethodParams):
     concept: str = Field("a cat", description="Prompt whose prediction moves.")
     target: str = Field("a dog", description="Prompt whose base prediction is the goal.")
     nan_at: int | None = Field(None, description="Return a NaN loss at this step (tests only).")
+    samples: int = Field(1, description="Latents per step; the loss couples them (not a sum over samples).")
 
 
 class SteerTraining(TrainingConfig):
@@ -88,13 +89,15 @@ class QuerySteer(EditMethod[SteerParams]):
 
     def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
         p = self.params
-        shape = ctx.adapter.latent_shape(1)
+        shape = ctx.adapter.latent_shape(p.samples)
         latents = torch.randn(shape, generator=ctx.generator)
-        t = torch.randint(0, 1000, (1,), generator=ctx.generator)
+        t = torch.randint(0, 1000, (p.samples,), generator=ctx.generator)
         with torch.no_grad(), ctx.reference_weights("base"):
-            goal = ctx.predict_noise(latents, t, self.target)
-        pred = ctx.predict_noise(latents, t, self.concept)
+            goal = ctx.predict_noise(latents, t, self.target.expand(p.samples, -1, -1))
+        pred = ctx.predict_noise(latents, t, self.concept.expand(p.samples, -1, -1))
         loss = torch.nn.functional.mse_loss(pred, goal)
+        if p.samples > 1:  # the samples' errors multiply: no sum over samples, so no per-sample backward
+            loss = loss * torch.nn.functional.mse_loss(pred[:1], goal[:1])
         if p.nan_at == step:
             loss = loss * float("nan")
         return {"match": loss}

@@ -82,8 +82,8 @@ def test_target_is_negative_guidance_of_the_frozen_model_at_the_right_timestep(
     samples = _spy_on_samples(monkeypatch)
     real_target = Esd.esd_target
 
-    def target(self: Esd, ctx: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = real_target(self, ctx, x, t)
+    def target(self: Esd, ctx: Any, s: EsdSample) -> torch.Tensor:
+        out = real_target(self, ctx, s)
         seen.append((samples[-1], out.detach().clone()))
         return out
 
@@ -132,7 +132,9 @@ def test_the_logged_loss_is_the_esd_formula_computed_by_hand(tmp_path: Path, mon
 
     monkeypatch.setattr(Esd, "trajectory_loss", loss)
     eta = 0.6
-    edit = _esd(eta=eta, parameters="x", sample_with="base", training={"steps": 3})
+    # ε* recomputed at each step's latent: the stored float16 targets (frozen_targets: cached, the default)
+    # are checked against this path in test_frozen_targets.py.
+    edit = _esd(eta=eta, parameters="x", sample_with="base", training={"steps": 3, "frozen_targets": "recompute"})
     conceptedit.apply(tiny_recipe(edit), pipeline=double_tiny_sd(), out=tmp_path / "run", quiet=True)
     log = [json.loads(x) for x in (tmp_path / "run" / "logs" / "esd.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3] and len(samples) == len(held) == 3

@@ -245,3 +245,76 @@ def test_tiny_sdxl_trains_on_cached_targets(tmp_path: Path, monkeypatch: pytest.
         runs[mode] = _log(tmp_path / mode)
     for slow, fast in zip(runs["recompute"], runs["cached"], strict=True):
         assert fast["total"] == pytest.approx(slow["total"], rel=1e-2, abs=100.0 * FP16**2)
+
+
+# --------------------------------------------------------------------------- ESD (the shared NegativeGuidance)
+
+
+def _esd(steps: int = 4, **params: Any) -> dict[str, Any]:
+    return {
+        "method": "esd",
+        "params": {"concept": "nudity", "sampling_steps": 6, "sample_with": "base", "trajectories": 3, **params},
+        "training": {"steps": steps, "lr": 1e-3, "optimizer": "sgd"},
+    }
+
+
+def _frozen_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The frozen passes (batch sizes) each ESD training step runs."""
+    from conceptedit_builtin.esd import Esd
+
+    calls = _count_frozen(monkeypatch)
+    steps: list[list[int]] = []
+    real = Esd.trajectory_loss
+
+    def loss(self: Any, ctx: Any, step: int) -> Any:
+        before = len(calls)
+        out = real(self, ctx, step)
+        steps.append(calls[before:])
+        return out
+
+    monkeypatch.setattr(Esd, "trajectory_loss", loss)
+    return steps
+
+
+def test_esd_stores_its_targets_and_trains_as_the_recomputing_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ESD on latents from the frozen original (``sample_with: base``, exact pairing): ε*(c) and ε*(∅) are
+    the walk's own predictions, stored in float16; training reads them and runs no frozen pass.
+
+    The target (1 + η) ε*(∅) − η ε*(c) carries at most (1 + 2η)·2^-11 of the predictions' size per
+    element, a small fraction of the loss (measured 2e-4 relative); 1e-2 leaves room on any machine.
+    """
+    monkeypatch.setenv("CONCEPTEDIT_CACHE", str(tmp_path / "cache"))
+    per_step = _frozen_calls_per_step(monkeypatch)
+    logs = {}
+    for mode in ("recompute", "cached"):
+        recipe = tiny_recipe({**_esd(), "training": {**_esd()["training"], "frozen_targets": mode}})
+        per_step.clear()
+        conceptedit.apply(recipe, pipeline=build_tiny_sd(dtype=torch.float64), out=tmp_path / mode, quiet=True)
+        logs[mode] = [json.loads(line) for line in (tmp_path / mode / "logs" / "esd.jsonl").read_text().splitlines()]
+        # recompute: ε*(c) and ε*(∅) at every step's latent, one batch of two; cached: nothing frozen
+        assert per_step == ([[2]] * 4 if mode == "recompute" else [[]] * 4), (mode, per_step)
+    for slow, fast in zip(logs["recompute"], logs["cached"], strict=True):
+        assert fast["erase"] == pytest.approx(slow["erase"], rel=1e-2), fast["step"]
+    names = set()
+    for path in (tmp_path / "cache" / "trajectories").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as fh:
+            names |= {k for k in fh.keys() if k.startswith("target.")}  # noqa: SIM118
+    assert names == {"target.concept", "target.empty"}
+
+
+@pytest.mark.parametrize("params", [{"timestep_pairing": "compvis"}, {"sample_with": "current"}])
+def test_esd_recomputes_where_the_targets_are_not_fixed(
+    params: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CompVis pairing feeds another timestep than the latent's own, and ``current`` resamples with the
+    model being trained: no stored target fits, so ε* runs at every step."""
+    monkeypatch.setenv("CONCEPTEDIT_CACHE", str(tmp_path / "cache"))
+    per_step = _frozen_calls_per_step(monkeypatch)
+    conceptedit.apply(tiny_recipe(_esd(steps=2, **params)), out=tmp_path / "r", quiet=True)
+    assert len(per_step) == 2
+    assert all(calls and calls[-1] == 2 for calls in per_step)  # each step ends with ε*(c), ε*(∅) at its latent
+    for path in (tmp_path / "cache" / "trajectories").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as fh:
+            assert not [k for k in fh.keys() if k.startswith("target.")]  # noqa: SIM118

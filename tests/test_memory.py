@@ -76,3 +76,28 @@ def test_parking_does_not_change_the_edit(watch: _ParkingWatch, tmp_path: Path) 
     conceptedit.apply(_steer(park_idle_modules=False), out=tmp_path / "b", quiet=True)
     a, b = (load_file(str(tmp_path / x / "edit.safetensors")) for x in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_micro_batches_rebuild_a_coupled_loss_exactly(tmp_path: Path) -> None:
+    """A loss that couples its samples (not a sum over them) cannot be back-propagated sample by sample:
+    ``predict_noise`` runs each micro-batch without a graph and again with one in backward. The gradient
+    is the whole batch's: float64, so only summation order differs (~1e-16; 1e-10 catches any real
+    difference, which shows at 1e-6 or above)."""
+    with isolated_host(FakeMethodsPlugin()):
+        edits = {}
+        for label, training in {"whole": {}, "micro": {"micro_batch": 1}}.items():
+            recipe = tiny_recipe(
+                {"method": "test_q_steer", "params": {"samples": 3}, "training": {"steps": 3, **training}}
+            )
+            result = conceptedit.apply(
+                recipe, pipeline=build_tiny_sd(dtype=torch.float64), out=tmp_path / label, quiet=True
+            )
+            edits[label] = {
+                name: result.pipeline.unet.get_parameter(name.removeprefix("unet.")).detach().clone()
+                for name in result.changed
+            }
+    base = dict(build_tiny_sd(dtype=torch.float64).unet.named_parameters())
+    assert edits["whole"].keys() == edits["micro"].keys() and edits["whole"]
+    assert max(float((w - base[n.removeprefix("unet.")]).abs().max()) for n, w in edits["whole"].items()) > 1e-6
+    for name, weight in edits["whole"].items():
+        torch.testing.assert_close(edits["micro"][name], weight, rtol=0, atol=1e-10)

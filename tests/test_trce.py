@@ -228,7 +228,8 @@ def test_stage2_trains_only_its_parameters_and_the_loss_falls(tmp_path: Path) ->
 
 
 def test_micro_batches_give_the_same_training(tmp_path: Path) -> None:
-    """Splitting the batch and recomputing it in backward is the same maths as one batched call.
+    """Back-propagating each sample's share of the loss as it is computed (stage 2's loss is a sum over
+    its samples, ``ctx.separable_loss``) is the same maths as one batched call and one backward.
 
     The two paths sum the same numbers in a different order. In float32 that rounding (~1e-7)
     is amplified by Adam, which normalises each gradient element, into differences of the size
@@ -256,9 +257,10 @@ def test_micro_batches_give_the_same_training(tmp_path: Path) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-10)
 
 
-def test_micro_batches_keep_one_graph_at_a_time(tmp_path: Path) -> None:
-    """With micro_batch 1 the trained model sees one sample per call: run without a graph first,
-    and again with one in backward, never a whole batch with a graph."""
+def test_micro_batches_keep_one_graph_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With micro_batch 1 the trained model sees one sample per call, each with its graph, and runs no
+    more forwards than the whole batch does: stage 2's loss is a sum over samples, so each sample is
+    back-propagated as it is computed instead of being run again in backward."""
     calls: list[tuple[int, bool]] = []
 
     def counting(pipe: Any) -> Any:
@@ -273,15 +275,20 @@ def test_micro_batches_keep_one_graph_at_a_time(tmp_path: Path) -> None:
 
     steps = 2
     lean = _stage2(micro_batch=1, steps=steps)
+    monkeypatch.setenv("CONCEPTEDIT_CACHE", str(tmp_path / "lean-cache"))  # each run samples its own latents
     conceptedit.apply(_recipe(lean), pipeline=counting(build_tiny_sd()), out=tmp_path / "lean", quiet=True)
-    with_graph = [size for size, grad in calls if grad]
+    lean_calls = list(calls)
     trained_per_step = 2 + lean["params"]["regularization_batch"]  # cond + uncond anchors, regulariser latents
-    assert with_graph == [1] * trained_per_step * steps, calls
+    assert [size for size, grad in lean_calls if grad] == [1] * trained_per_step * steps, calls
     calls.clear()
+    monkeypatch.setenv("CONCEPTEDIT_CACHE", str(tmp_path / "whole-cache"))
     conceptedit.apply(
         _recipe(_stage2(steps=steps)), pipeline=counting(build_tiny_sd()), out=tmp_path / "whole", quiet=True
     )
     assert [size for size, grad in calls if grad] == [trained_per_step] * steps
+    # Without a graph: as many samples in both runs (sampling and frozen passes, split into micro-batches
+    # in the lean one), so no trained sample is run a second time.
+    assert sum(size for size, grad in lean_calls if not grad) == sum(size for size, grad in calls if not grad)
 
 
 def test_trajectories_are_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,7 @@ can change everything behind them. Every built-in method is written against exac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -118,6 +118,15 @@ class EditContext(Protocol):
 
     def predict_noise(self, latents: Tensor, timesteps: Tensor, hidden: Tensor, *, frozen: bool = False) -> Tensor:
         """The denoiser's prediction: the model being trained, or with ``frozen=True`` the plain module."""
+
+    def separable_loss(
+        self, latents: Tensor, timesteps: Tensor, hidden: Tensor, loss: Callable[[Tensor, range], dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Loss terms of the trained model's predictions for a batch whose loss is a sum over its rows:
+        ``loss(predictions of rows, rows)`` gives the rows' share of each term, and the shares of any
+        split of the batch add up to the whole batch's terms. With ``training.micro_batch`` each
+        micro-batch is run once and back-propagated at once (one forward and one backward per sample,
+        one micro-batch's activations), where :meth:`predict_noise` would rebuild each call's graph."""
 
     def reference_weights(
         self, which: Literal["base", "edit_start"], names: Sequence[str] | None = None

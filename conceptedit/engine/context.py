@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +74,11 @@ class RunContext:
     process_index: int | None = None
     training_modules: dict[str, nn.Module] = field(default_factory=dict)
     parked: ParkedModules | None = None
+    #: Set by the training loop while a step's loss is computed: back-propagates a share of one member's
+    #: loss with the loop's scaling (the member's weight, gradient accumulation, mixed-precision scaling).
+    backward: Callable[[Tensor], None] | None = None
+    #: ids of loss terms :meth:`EditContext.separable_loss` has already back-propagated this step.
+    applied_terms: set[int] = field(default_factory=set)
 
     @property
     def recipe(self) -> Any:
@@ -234,6 +239,44 @@ class EditContext:
             else:
                 outputs.append(call(None, *chunk))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def separable_loss(
+        self, latents: Tensor, timesteps: Tensor, hidden: Tensor, loss: Callable[[Tensor, range], dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Loss terms of the trained model's predictions for a batch whose loss is a sum over its rows.
+
+        ``loss(predictions, rows)`` returns the share of each term that the batch rows ``rows`` (a
+        ``range``) carry, from their predictions alone. Without ``micro_batch`` (or outside training)
+        it is called once on the whole batch and the terms come back with their graph. With
+        ``micro_batch``, each micro-batch runs once with gradients and its shares are back-propagated
+        at once and its graph freed, so activation memory is one micro-batch's and each sample costs
+        one forward and one backward; :meth:`predict_noise` must instead run every call again in
+        backward, because there the loss may combine the whole batch. The summed terms then come
+        back detached, and the training loop knows they have been applied.
+        """
+        size = getattr(self.training_config, "micro_batch", None)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(latents.shape[0])
+        rows = range(latents.shape[0])
+        backward = self.run.backward
+        if size is None or size >= len(rows) or not torch.is_grad_enabled() or backward is None:
+            return loss(self.predict_noise(latents, timesteps, hidden), rows)
+        unet = self.run.training_modules.get(self.adapter.denoiser_name)
+        totals: dict[str, Tensor] = {}
+        for start in range(0, len(rows), size):
+            part = rows[start : start + size]
+            prediction = self.adapter.predict_noise(
+                latents[start : part.stop], timesteps[start : part.stop], hidden[start : part.stop], unet=unet
+            )
+            shares = loss(prediction, part)
+            total = sum(shares.values(), torch.zeros((), device=prediction.device))
+            if total.requires_grad:
+                backward(total)
+            for key, value in shares.items():
+                value = value.detach()
+                totals[key] = totals[key] + value if key in totals else value
+        self.run.applied_terms.update(id(value) for value in totals.values())
+        return totals
 
     @contextmanager
     def reference_weights(

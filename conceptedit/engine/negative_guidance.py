@@ -25,6 +25,15 @@ on ``c``, sum to one, so the v-target is exactly the v of the ε-target and the 
 loss times ``k_t²`` (``1/ᾱ_t``, or ``1/(1 − σ_t)²`` for flow): the same minimiser, a per-timestep
 weight. The latents come from the adapter's sampler (DDIM reading the prediction type from the
 pipeline's scheduler config, or FLUX's flow Euler), at the sampler's own timesteps.
+
+**Frozen targets.** When the latents come from a frozen model (``sample_with: base`` or
+``edit_start``) and each is fed at its own timestep (``timestep_pairing: exact``), ``ε*(x_t, t, c)`` and
+``ε*(x_t, t, ∅)`` are fixed per stored latent, so with ``training.frozen_targets: cached`` (the default)
+they are computed once with the latents and stored beside them in float16 (sampled by the reference
+with guidance, both are by-products of the walk); a step then runs only the model being trained. The
+paper's setting (``sample_with: current``) resamples every step and the CompVis pairing feeds a
+timestep other than the latent's own, so both compute ``ε*`` every step, as does
+``frozen_targets: recompute``.
 """
 
 from __future__ import annotations
@@ -39,7 +48,14 @@ from torch import Tensor
 from conceptedit.api.context import EditContext
 from conceptedit.api.params import MethodParams
 from conceptedit.engine.schedules import DrawCounter, compvis_latent_steps, draw_pairs, legacy_compvis_timesteps
-from conceptedit.engine.trajectories import PlannedLatents, ddim_timesteps, partial_ddim, sample_planned, seeded_noise
+from conceptedit.engine.trajectories import (
+    FrozenTarget,
+    PlannedLatents,
+    ddim_timesteps,
+    partial_ddim,
+    sample_planned,
+    seeded_noise,
+)
 from conceptedit.errors import EditError
 
 #: ESD's parameter sets, by the names the papers and code use, as engine parameter sets.
@@ -102,7 +118,8 @@ class EsdUnetParams(NegativeGuidanceParams):
 
 @dataclass
 class EsdSample:
-    """One training latent: ``x`` after ``steps`` DDIM steps from seed ``seed``, fed to the UNet at ``t``.
+    """One training latent: ``x`` after ``steps`` DDIM steps from seed ``seed``, fed to the UNet at ``t``,
+    for draw ``draw`` of the plan.
 
     ``k`` is the drawn step index; ``steps == k`` for the exact pairing, ``S + 1 − k`` (capped)
     for the CompVis one.
@@ -113,6 +130,7 @@ class EsdSample:
     k: int
     steps: int
     seed: int
+    draw: int
 
 
 class NegativeGuidance:
@@ -149,7 +167,12 @@ class NegativeGuidance:
             self.compvis_t = legacy_compvis_timesteps(self.plan[:, 1], p.sampling_steps, g, train_steps)
             self.latent_plan[:, 1] = compvis_latent_steps(self.plan[:, 1], p.sampling_steps)
         self.cached: PlannedLatents | None = None
+        # ε* at each stored latent is fixed when a frozen model made it and it keeps its own timestep.
+        self.stored_targets = (
+            p.sample_with != "current" and self.compvis_t is None and ctx.training.frozen_targets == "cached"
+        )
         if p.sample_with != "current":
+            targets = {"concept": FrozenTarget(p.reference), "empty": FrozenTarget(p.reference, "")}
             self.cached = sample_planned(
                 ctx,
                 self.latent_plan,
@@ -159,6 +182,7 @@ class NegativeGuidance:
                 steps=p.sampling_steps,
                 weights=p.sample_with,
                 label="concept",
+                targets=targets if self.stored_targets else None,
             )
         self.shape = ctx.adapter.latent_shape(1)[1:]
 
@@ -180,13 +204,21 @@ class NegativeGuidance:
             t = self.timesteps[k : k + 1].to(ctx.device)  # its own timestep when steps == k (exact pairing)
         if self.compvis_t is not None:
             t = self.compvis_t[draw : draw + 1].to(ctx.device)
-        return EsdSample(x=x, t=t, k=k, steps=steps, seed=self.seeds[j])
+        return EsdSample(x=x, t=t, k=k, steps=steps, seed=self.seeds[j], draw=draw)
 
-    def target(self, ctx: EditContext, x: Tensor, t: Tensor) -> Tensor:
-        """ε*(∅) − η (ε*(c) − ε*(∅)) of the frozen reference, without gradients."""
-        p = self.params
-        with torch.no_grad(), ctx.reference_weights(p.reference):
+    def predictions(self, ctx: EditContext, s: EsdSample) -> tuple[Tensor, Tensor]:
+        """ε*(x, t, c) and ε*(x, t, ∅) of the frozen reference at a sample (float32, no gradients):
+        stored with the latents when they are fixed, computed otherwise."""
+        if self.stored_targets:
+            assert self.cached is not None
+            return self.cached.target("concept", s.draw, ctx.device), self.cached.target("empty", s.draw, ctx.device)
+        with torch.no_grad(), ctx.reference_weights(self.params.reference):
             hidden = torch.cat([self.concept, self.empty])
-            both = ctx.predict_noise(x.expand(2, -1, -1, -1), t.expand(2), hidden, frozen=True)
-            e_c, e_0 = both.float().chunk(2)
-        return e_0 - p.eta * (e_c - e_0)
+            both = ctx.predict_noise(s.x.expand(2, -1, -1, -1), s.t.expand(2), hidden, frozen=True)
+        e_c, e_0 = both.float().chunk(2)
+        return e_c, e_0
+
+    def target(self, ctx: EditContext, s: EsdSample) -> Tensor:
+        """ε*(∅) − η (ε*(c) − ε*(∅)) of the frozen reference at a sample, without gradients."""
+        e_c, e_0 = self.predictions(ctx, s)
+        return e_0 - self.params.eta * (e_c - e_0)

@@ -203,11 +203,18 @@ def _step(
     totals: dict[str, float] = {}
     total = 0.0
     grouped = len(members) > 1
+    run = members[0].ctx.run
     for _ in range(config.grad_accum):
         loss: Tensor | None = None
         for member in members:
-            with accelerator.autocast():
-                terms = member.method.trajectory_loss(member.ctx, step)
+            # Terms a method computed with ctx.separable_loss are back-propagated as they are made.
+            run.backward = lambda share, w=member.weight: accelerator.backward(w * share / config.grad_accum)
+            run.applied_terms.clear()
+            try:
+                with accelerator.autocast():
+                    terms = member.method.trajectory_loss(member.ctx, step)
+            finally:
+                run.backward = None
             if not terms:
                 raise TrainingError(f"{member.ctx.label}: trajectory_loss returned no loss terms at step {step}")
             for key, value in terms.items():
@@ -219,11 +226,13 @@ def _step(
                     )
                 name = f"{member.ctx.label}/{key}" if grouped else key
                 totals[name] = totals.get(name, 0.0) + number / config.grad_accum
+                total += member.weight * number / config.grad_accum
+                if id(value) in run.applied_terms:
+                    continue
                 contribution = member.weight * value
                 loss = contribution if loss is None else loss + contribution
-        assert loss is not None
-        total += float(loss.detach()) / config.grad_accum
-        accelerator.backward(loss / config.grad_accum)
+        if loss is not None:
+            accelerator.backward(loss / config.grad_accum)
     if held is not None:
         held.zero_gradients()
     if config.max_grad_norm is not None:

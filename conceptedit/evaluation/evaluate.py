@@ -28,6 +28,7 @@ from conceptedit.api.recipe import EvaluateSpec
 from conceptedit.api.results import Example, SuiteResult
 from conceptedit.api.suite import SuitePrompt
 from conceptedit.errors import PluginError
+from conceptedit.evaluation.base_cache import BaseRenderCache
 from conceptedit.evaluation.loss_curves import LossCurves
 from conceptedit.evaluation.report import write_report
 from conceptedit.evaluation.sampling import sample
@@ -130,10 +131,12 @@ def evaluate(
     base_weights: BaseWeights | None = None,
     base_pipeline: Any = None,
     reporter: Reporter | None = None,
+    base_cache: BaseRenderCache | None = None,
 ) -> list[SuiteResult]:
     """Run every suite of ``specs`` on ``pipeline`` and, with the same seeds, on the base model:
     either ``base_weights`` (a context manager factory that puts the base weights into ``pipeline``,
-    no second copy) or a separate ``base_pipeline``."""
+    no second copy) or a separate ``base_pipeline``. With ``base_cache`` the base model's renders
+    are read from it when an earlier run stored them, and stored otherwise."""
     if base_weights is not None and base_pipeline is not None:
         raise ValueError("give base_weights or base_pipeline, not both")
     reporter = reporter or Reporter(quiet=True)
@@ -161,7 +164,7 @@ def evaluate(
         renders = len(mine) * (2 if compare or evaluator.needs_base else 1)
         with reporter.task(f"eval {spec.suite}", renders) as bar:
             base_out = (
-                _render_arm(base, prompts, mine, spec, host, bar)
+                _render_arm(base, prompts, mine, spec, host, bar, base_cache)
                 if base is not None and (compare or evaluator.needs_base)
                 else None
             )
@@ -237,19 +240,37 @@ def _my_share(n: int) -> list[int]:
 
 
 def _render_arm(
-    arm: _Arm, prompts: Sequence[SuitePrompt], mine: Sequence[int], spec: EvaluateSpec, host: PluginHost, bar: Any
+    arm: _Arm,
+    prompts: Sequence[SuitePrompt],
+    mine: Sequence[int],
+    spec: EvaluateSpec,
+    host: PluginHost,
+    bar: Any,
+    cache: BaseRenderCache | None = None,
 ) -> _Rendered:
     pipeline, weights = arm
+    selected = [prompts[i] for i in mine]
+    key = None
+    if cache is not None:
+        adapter = resolve_backbone(pipeline, host.registry.backbones)
+        key = cache.key(pipeline, adapter, selected, [_scale(p, spec.guidance) for p in selected], spec)
+        stored = cache.load(key)
+        if stored is not None:
+            bar.advance(len(selected))
+            return stored
     with weights():
-        return render(
+        rendered = render(
             pipeline,
-            [prompts[i] for i in mine],
+            selected,
             steps=spec.steps,
             guidance=spec.guidance,
             batch_size=spec.batch_size,
             host=host,
             progress=bar,
         )
+    if cache is not None and key is not None:
+        cache.store(key, rendered)
+    return rendered
 
 
 def _score_arm(
@@ -316,11 +337,18 @@ def evaluate_into(
     reporter: Reporter | None = None,
     labels: tuple[str, str] = ("base", "edited"),
     curves: Sequence[LossCurves] = (),
+    base_cache: BaseRenderCache | None = None,
 ) -> list[SuiteResult]:
     """:func:`evaluate`, then, when ``folder`` is given (the main process), ``metrics.json``,
     ``report.md`` and ``report.html`` in it: what a recipe's ``evaluate:`` and ``conceptedit eval`` write."""
     results = evaluate(
-        pipeline, specs, host=host, base_weights=base_weights, base_pipeline=base_pipeline, reporter=reporter
+        pipeline,
+        specs,
+        host=host,
+        base_weights=base_weights,
+        base_pipeline=base_pipeline,
+        reporter=reporter,
+        base_cache=base_cache,
     )
     if folder is not None:
         write_metrics(folder / "metrics.json", results)

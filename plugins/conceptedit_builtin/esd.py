@@ -14,7 +14,8 @@ original is the one resident UNet with the changed tensors swapped back in
 
 Choices the two reference implementations disagree on are parameters, not silent picks:
 ``sample_with`` (the paper's code samples ``x_t`` with the model being trained, the later
-diffusers code with the frozen one, which here lets the latents be cached),
+diffusers code with the frozen one, which here lets the latents be cached, and with
+``timestep_pairing: exact`` the frozen predictions at them too, ``training.frozen_targets``),
 ``timestep_pairing`` (``exact``: the latent after ``k`` DDIM steps with its own timestep, as the
 diffusers code does; ``compvis``: the paper's code, which draws ``t`` from ``[1000k/S,
 1000(k+1)/S)`` and, because its sampler counts ``k`` as the steps left, feeds it a latent at
@@ -106,13 +107,13 @@ class Esd(EditMethod[EsdParams]):
         """The latent and UNet timestep of one draw (from the cache, or sampled by the current model)."""
         return self.guidance.sample(ctx, draw)
 
-    def esd_target(self, ctx: EditContext, x: Tensor, t: Tensor) -> Tensor:
-        """ε*(∅) − η (ε*(c) − ε*(∅)) of the frozen reference, without gradients."""
-        return self.guidance.target(ctx, x, t)
+    def esd_target(self, ctx: EditContext, s: EsdSample) -> Tensor:
+        """ε*(∅) − η (ε*(c) − ε*(∅)) of the frozen reference at a sample, without gradients."""
+        return self.guidance.target(ctx, s)
 
     def trajectory_loss(self, ctx: EditContext, step: int) -> dict[str, Tensor]:
         s = self.sample(ctx, self.guidance.draws(step))
-        target = self.esd_target(ctx, s.x, s.t)
+        target = self.esd_target(ctx, s)
         pred = ctx.predict_noise(s.x, s.t, self.guidance.concept).float()
         return {"erase": F.mse_loss(pred, target)}
 

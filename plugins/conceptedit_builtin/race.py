@@ -169,7 +169,7 @@ class Race(EditMethod[RaceParams]):
         p = self.params
         draw = self.guidance.draws(step)
         s = self.guidance.sample(ctx, draw)
-        target = self.guidance.target(ctx, s.x, s.t)
+        target = self.guidance.target(ctx, s)
         found = self.attack(ctx, s, draw)
         pred = ctx.predict_noise(s.x, s.t, found.hidden).float()
         terms = {"erase": F.mse_loss(pred, target)}

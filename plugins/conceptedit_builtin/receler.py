@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -519,16 +519,16 @@ class Receler(EditMethod[RecelerParams]):
         """The latent and UNet timestep of one draw (sampled with the erasers on, or from the cache)."""
         return self.guidance.sample(ctx, draw)
 
-    def frozen_pass(self, ctx: EditContext, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """ε*(x, t, c), ε*(x, t, ∅) of the frozen model without erasers, and its concept attention maps for c."""
-        want_maps = self.params.reg_weight > 0
+    def frozen_pass(self, ctx: EditContext, s: EsdSample) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """ε*(x, t, c), ε*(x, t, ∅) of the frozen model without erasers, and its concept attention maps for c
+        (without the localisation term no maps are needed, and the predictions may be stored ones)."""
+        if self.params.reg_weight == 0:
+            with self.erasers.off():
+                return (*self.guidance.predictions(ctx, s), {})
         hidden = torch.cat([self.guidance.concept, self.guidance.empty])
-        nothing: dict[str, Tensor] = {}
-        capture: AbstractContextManager[dict[str, Tensor]] = (
-            concept_attention(ctx.cross_attention_layers(), self.mask_positions) if want_maps else nullcontext(nothing)
-        )
+        capture = concept_attention(ctx.cross_attention_layers(), self.mask_positions)
         with torch.no_grad(), self.erasers.off(), ctx.reference_weights(self.params.reference), capture as maps:
-            both = ctx.predict_noise(x.expand(2, -1, -1, -1), t.expand(2), hidden, frozen=True)
+            both = ctx.predict_noise(s.x.expand(2, -1, -1, -1), s.t.expand(2), hidden, frozen=True)
         e_c, e_0 = both.float().chunk(2)
         return e_c, e_0, {name: m[:1] for name, m in maps.items()}  # the concept's row
 
@@ -564,7 +564,7 @@ class Receler(EditMethod[RecelerParams]):
         p = self.params
         draw = self.guidance.draws(step)
         s = self.sample(ctx, draw)
-        e_c, e_0, maps = self.frozen_pass(ctx, s.x, s.t)
+        e_c, e_0, maps = self.frozen_pass(ctx, s)
         hidden = self.conditioning(ctx, s.x, s.t, e_c, draw)
         with self.erasers.capture() as outputs:
             pred = ctx.predict_noise(s.x, s.t, hidden).float()

@@ -16,7 +16,10 @@ the few tensors they differ in swapped in (``ctx.reference_weights``), not extra
 come from a plan drawn up front and the references do not train, so ε(x,t,c_m), ε(x,t,∅) (by-products
 of sampling the malicious runs), ε(x,t,c_s) and ε_stage1(x',t',∅) are computed once with the
 trajectories and stored beside them (float16, :class:`~conceptedit.toolkit.FrozenTarget`); each step
-runs only the trained model. ``recompute`` runs the references every step, as before.
+runs only the trained model. ``recompute`` runs the references every step, as before. The loss is a
+sum over the step's samples (a hinge per anchor, an MSE per regulariser latent), so it goes through
+``ctx.separable_loss``: with ``training.micro_batch`` each sample is back-propagated as soon as its
+share is computed, one forward and one backward per sample.
 
 On a v-prediction model (SD-2.x 768) every ε above is the model's output, v: ``f_safe`` and
 ``f_unsafe`` weigh outputs at the same ``x`` with weights summing to one, so they are the v of the
@@ -271,22 +274,39 @@ class TrceSteer(EditMethod[TrceSteerParams]):
         conditions = [*[c_m, empty][:steered]]
         if p.adversarial is not None:  # the prompt that brings the concept back, as the model is now
             conditions.append(self._adversarial(ctx, step, pair, x, t, e_m))
-        pred = _wide(
-            ctx.predict_noise(
-                torch.cat([x.expand(len(conditions), -1, -1, -1), xr]),
-                torch.cat([t.expand(len(conditions)), tr]),
-                torch.cat([*conditions, cr]),
-            )
+        a, kept = len(conditions), len(xr) - u  # anchor rows, then u unconditional and `kept` caption rows
+
+        def shares(pred: Tensor, rows: range) -> dict[str, Tensor]:
+            """Each row's share of the terms: a hinge per anchor, an MSE per regulariser latent."""
+            pred = _wide(pred)
+            terms: dict[str, Tensor] = {}
+
+            def add(key: str, value: Tensor) -> None:
+                terms[key] = terms[key] + value if key in terms else value
+
+            anchors = [i for i in rows if i < a]
+            for i in anchors:
+                hinge = F.relu(
+                    F.mse_loss(pred[i - rows.start], f_safe[0])
+                    - F.mse_loss(pred[i - rows.start], f_unsafe[0])
+                    + p.margin
+                )
+                if i < steered:
+                    add("erase", hinge / steered)
+                else:
+                    assert p.adversarial is not None
+                    add("erase_adversarial", p.adversarial.weight * hinge)
+            # A batch MSE over n regulariser rows is n/u of the MSE over all u: the shares add up to it.
+            for key, lo, hi, count in (("preserve", a, a + u, u), ("preserve_captions", a + u, a + u + kept, kept)):
+                first, last = max(rows.start, lo), min(rows.stop, hi)
+                if first < last:
+                    mse = F.mse_loss(pred[first - rows.start : last - rows.start], reg_target[first - a : last - a])
+                    add(key, p.preserve_weight * mse * ((last - first) / count))
+            return terms
+
+        return ctx.separable_loss(
+            torch.cat([x.expand(a, -1, -1, -1), xr]), torch.cat([t.expand(a), tr]), torch.cat([*conditions, cr]), shares
         )
-        anchors, reg_pred = pred[: len(conditions)], pred[len(conditions) :]
-        hinges = [F.relu(F.mse_loss(a, f_safe[0]) - F.mse_loss(a, f_unsafe[0]) + p.margin) for a in anchors]
-        terms = {"erase": torch.stack(hinges[:steered]).mean()}
-        if p.adversarial is not None:
-            terms["erase_adversarial"] = p.adversarial.weight * hinges[-1]
-        terms["preserve"] = p.preserve_weight * F.mse_loss(reg_pred[:u], reg_target[:u])
-        if self.kept is not None:
-            terms["preserve_captions"] = p.preserve_weight * F.mse_loss(reg_pred[u:], reg_target[u:])
-        return terms
 
     def _adversarial(self, ctx: EditContext, step: int, pair: int, x: Tensor, t: Tensor, e_m: Tensor) -> Tensor:
         """Pair ``pair``'s adversarial hidden states, found again every ``every`` steps: the prompt with
