@@ -36,6 +36,32 @@ def test_parked_modules_free_their_weights_and_restore_them_bit_for_bit() -> Non
         assert all(torch.equal(state[k], after[k]) for k in state), name
 
 
+def test_parked_tensors_of_every_dtype_and_shape_come_back_bit_for_bit() -> None:
+    """The parked file is read back tensor by tensor with plain file reads (no memory map)."""
+    module = torch.nn.Module()
+    values = {
+        "f32": torch.randn(3, 5),
+        "f16": torch.randn(7).half(),
+        "bf16": torch.randn(2, 2, 2).bfloat16(),
+        "f64": torch.randn(4, dtype=torch.float64),
+        "i64": torch.arange(6).reshape(2, 3),
+        "u8": torch.randint(0, 256, (9,), dtype=torch.uint8),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    for name, value in values.items():
+        module.register_buffer(name, value.clone())
+    module.weight = torch.nn.Parameter(torch.randn(3, 3))
+    weight = module.weight.detach().clone()
+    with ParkedModules({"m": module}):
+        assert module.f32.numel() == 0 and module.weight.numel() == 0
+    for name, value in values.items():
+        got = getattr(module, name)
+        assert got.dtype == value.dtype and got.shape == value.shape and torch.equal(got, value), name
+    assert torch.equal(module.weight, weight) and isinstance(module.weight, torch.nn.Parameter)
+
+
 class _ParkingWatch:
     """Records, at every training step, whether the text encoder's weights were parked."""
 
@@ -101,3 +127,25 @@ def test_micro_batches_rebuild_a_coupled_loss_exactly(tmp_path: Path) -> None:
     assert max(float((w - base[n.removeprefix("unet.")]).abs().max()) for n, w in edits["whole"].items()) > 1e-6
     for name, weight in edits["whole"].items():
         torch.testing.assert_close(edits["micro"][name], weight, rtol=0, atol=1e-10)
+
+
+def test_training_state_is_gone_before_the_parked_modules_come_back(
+    watch: _ParkingWatch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Un-parking the text encoder and VAE while the optimiser's state and the gradients are still held
+    would add their bytes to the training's peak: both must be dropped first."""
+    import gc
+
+    seen: list[tuple[int, int]] = []
+    real_exit = ParkedModules.__exit__
+    pipe = build_tiny_sd()
+
+    def exit_(self: ParkedModules, *args: Any) -> None:
+        optimisers = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer) and o.state]
+        grads = sum(p.grad is not None for p in pipe.unet.parameters())
+        seen.append((len(optimisers), grads))
+        real_exit(self, *args)
+
+    monkeypatch.setattr(ParkedModules, "__exit__", exit_)
+    conceptedit.apply(_steer(zero_grad=False), pipeline=pipe, out=tmp_path / "run", quiet=True)
+    assert seen == [(0, 0)]

@@ -186,7 +186,12 @@ def _train_loop(
         finally:
             run.training_modules = {}
             run.parked = None
+            # The optimiser's state and the gradients go before the parked modules come back, so that
+            # un-parking them does not add to the training's peak (measured: 0.9 GiB at SD-1.4 size).
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.state.clear()
             accelerator.free_memory()
+            release_freed_memory()
     return TrainingReport(config.steps, start, base, last, log_path, added=sorted(set(names) - set(base)))
 
 
